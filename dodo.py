@@ -1,0 +1,129 @@
+"""qwen3build task graph. `doit list` shows the tasks; `doit build` makes everything.
+
+This file only wires: settings come from qwen3build.toml < environment < doit variables
+(`doit build SEQ_LEN=2048`), and every action is a function in the qwen3build package.
+Nothing heavy is imported here, so a no-op build stays fast.
+"""
+import os
+import sys
+import uuid
+
+from doit import get_var
+
+from qwen3build.cache import RUN_ID_ENV
+from qwen3build.config import SETTING_KEYS
+from qwen3build.errors import BuildError
+from qwen3build.logs import configure as configure_logging
+from qwen3build.plan import IO_MODEL, SAMPLER, make_plan
+
+configure_logging()
+os.environ.setdefault(RUN_ID_ENV, uuid.uuid4().hex)
+
+try:
+    PLAN = make_plan({key: get_var(key) for key in SETTING_KEYS if get_var(key) is not None})
+except BuildError as error:
+    print(f"qwen3build: {error}", file=sys.stderr)
+    sys.exit(2)
+
+DOIT_CONFIG = {
+    "default_tasks": ["build"],
+    "backend": "sqlite3",
+    "dep_file": str(PLAN.settings.CACHE_DIR / "doit.sqlite3"),
+    "verbosity": 2,
+    "action_string_formatting": "new",
+}
+PLAN.settings.CACHE_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _artifacts():
+    from qwen3build.tasks import Artifacts  # imported on first use, not at load
+    global _ARTIFACTS
+    if "_ARTIFACTS" not in globals():
+        _ARTIFACTS = Artifacts(PLAN)
+    return _ARTIFACTS
+
+
+def _run(artifact_id):
+    def action():
+        try:
+            _artifacts().run(artifact_id)
+        except BuildError as error:
+            from doit.exceptions import TaskFailed
+            return TaskFailed(f"qwen3build: {error}")
+    return action
+
+
+def _uptodate(artifact_id):
+    return lambda: _artifacts().uptodate(artifact_id)
+
+
+def _clean(paths):
+    def clean():
+        from qwen3build.cache import remove_path
+        for path in paths:
+            if path.exists():
+                remove_path(path)
+                print(f"removed {path}")
+    return clean
+
+
+def _keyed_task(artifact_id, doc, task_dep, outputs):
+    return {"actions": [_run(artifact_id)], "uptodate": [_uptodate(artifact_id)], "task_dep": task_dep,
+            "targets": [str(p) for p in outputs], "clean": [_clean(outputs)], "doc": doc}
+
+
+def task_weights():
+    """Per-tensor digests of the checkpoint (re-hashes only files whose stat changed)."""
+    def action():
+        try:
+            _artifacts().weights_action()
+        except BuildError as error:
+            from doit.exceptions import TaskFailed
+            return TaskFailed(f"qwen3build: {error}")
+    return {"actions": [action], "uptodate": [lambda: _artifacts().weights_uptodate()],
+            "targets": [str(PLAN.manifest_path)], "clean": [_clean([PLAN.manifest_path])]}
+
+
+def task_slanc():
+    """SLaNC fp16 pre-scales for every RMSNorm (artifacts/numerics/slanc_scales.npy)."""
+    return _keyed_task("slanc", task_slanc.__doc__, ["weights"], [PLAN.scales_path])
+
+
+def task_quant():
+    """Quantization packs per layer (none for RECIPE=fp16: weights ship as fp16)."""
+    return {"actions": None, "task_dep": ["weights"], "doc": task_quant.__doc__}
+
+
+def task_io_model():
+    """io_model.mlpackage: token embedding and LM head (functions embed, lm_head)."""
+    return _keyed_task(IO_MODEL, task_io_model.__doc__, ["weights", "quant"],
+                       [PLAN.package_path(IO_MODEL), PLAN.mil_path(IO_MODEL)])
+
+
+def task_shard():
+    """Decoder shards, one subtask per shard of the layout (shard:left, shard:mid, ...)."""
+    for spec in PLAN.layout:
+        outputs = [PLAN.package_path(spec.package_name), PLAN.mil_path(spec.package_name)]
+        doc = f"{spec.package_name}.mlpackage: layers {spec.first}-{spec.last} ({spec.role}) with KV state"
+        task = _keyed_task(f"shard:{spec.name}", doc, ["weights", "slanc", "quant"], outputs)
+        yield {"name": spec.name, **task}
+
+
+def task_sampler():
+    """sampler_model.mlpackage: next token from logits (greedy argmax for now)."""
+    return _keyed_task(SAMPLER, task_sampler.__doc__, [], [PLAN.package_path(SAMPLER), PLAN.mil_path(SAMPLER)])
+
+
+def task_mil():
+    """MIL text dumps of every package (artifacts/coreml/mil/, written with each package)."""
+    return {"actions": None, "task_dep": ["io_model", "shard", "sampler"], "doc": task_mil.__doc__}
+
+
+def task_build():
+    """Build the whole split Core ML stack and print what was rebuilt, restored or up to date."""
+    def summary():
+        from qwen3build.summary import format_table, summary_rows
+        ids = [(IO_MODEL, IO_MODEL)] + [(s.package_name, f"shard:{s.name}") for s in PLAN.layout] + [(SAMPLER, SAMPLER)]
+        print(format_table(summary_rows(_artifacts().cache, ids)))
+        print(f"packages in {PLAN.settings.OUT_DIR}")
+    return {"actions": [summary], "task_dep": ["io_model", "shard", "sampler", "mil"], "uptodate": [False]}

@@ -1,0 +1,833 @@
+"""Numpy kernels for MIL ops, registered by op type.
+
+Semantics (what the engine promises, and why):
+- Every value the engine stores has exactly the numpy dtype its MIL var declares
+  (fp16 vars hold np.float16 arrays, int32 vars np.int32, ...).
+- Kernels compute in float32 (`widen` lifts fp16 inputs; matmuls run in fp32 BLAS) and
+  return whatever dtype falls out; the engine then rounds each op's output once to the
+  declared dtype (`to_dtype`). So an fp16 op that overflows yields inf, and an fp16
+  rounding after every op shows up as it would on device. Integer casts wrap the way
+  numpy's astype wraps (int32 150000 -> uint16 18928), which is what Core ML does.
+- A kernel builder runs once per op at load time: it reads the op's constant parameters
+  (axes, perm, epsilon, ...) and returns a closure over them plus the names of the inputs
+  the closure takes at run time, in order. Nothing inspects MIL objects per call.
+
+Constexpr ops (`decompress_constexpr`) are evaluated once at load time from their
+constant inputs, written from the MIL op definitions (not coremltools' own decompress
+helpers), so the evaluator checks the bytes independently of the code that wrote them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+try:  # torch's fp16 <-> fp32 casts are vectorized (F16C); numpy's are ~10x slower here.
+    import torch as _torch
+except ImportError:  # pragma: no cover - torch is a project dependency
+    _torch = None
+
+FLOAT16 = np.dtype(np.float16)
+FLOAT32 = np.dtype(np.float32)
+# Below this many elements numpy's cast is as fast as a round trip through torch.
+_TORCH_CAST_MIN_ELEMENTS = 1 << 12
+# Constexpr decompression works on slices of about this many elements to bound memory.
+_DECOMPRESS_CHUNK_ELEMENTS = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------
+# dtype helpers
+
+
+def to_dtype(value: Any, dtype: np.dtype) -> np.ndarray:
+    """`value` as an ndarray of exactly `dtype` (round-to-nearest-even for fp16, inf past 65504)."""
+    array = np.asarray(value)
+    if array.dtype == dtype:
+        return array
+    if (
+        _torch is not None
+        and array.size >= _TORCH_CAST_MIN_ELEMENTS
+        and array.dtype in (FLOAT16, FLOAT32)
+        and dtype in (FLOAT16, FLOAT32)
+        and array.flags.c_contiguous
+        and array.flags.writeable
+    ):
+        torch_dtype = _torch.float16 if dtype == FLOAT16 else _torch.float32
+        return _torch.from_numpy(array).to(torch_dtype).numpy()
+    return array.astype(dtype)
+
+
+def widen(array: np.ndarray) -> np.ndarray:
+    """fp16 -> fp32 for computing; every other dtype passes through unchanged."""
+    if array.dtype == FLOAT16:
+        return to_dtype(array, FLOAT32)
+    return array
+
+
+def numpy_dtype(mil_dtype) -> np.dtype:
+    from coremltools.converters.mil.mil import types
+
+    return np.dtype(types.nptype_from_builtin(mil_dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    op_type: str
+    build: Callable[["OpContext"], tuple[Callable[..., Any], tuple[str, ...]]]
+    # True: float constant inputs are handed over pre-widened to fp32 (cached at load).
+    computes: bool
+    # False for ops whose result must not be folded at load time (random ops).
+    deterministic: bool
+
+
+KERNELS: dict[str, Kernel] = {}
+
+
+def kernel(*op_types: str, computes: bool = True, deterministic: bool = True):
+    """Register a kernel builder for `op_types`; a second registration of a type is a bug."""
+
+    def register(build):
+        for op_type in op_types:
+            if op_type in KERNELS:
+                raise ValueError(f"kernel for {op_type!r} registered twice")
+            KERNELS[op_type] = Kernel(op_type, build, computes, deterministic)
+        return build
+
+    return register
+
+
+_REQUIRED = object()
+
+
+class OpContext:
+    """What a kernel builder may ask about its op: constant parameters and declared outputs."""
+
+    def __init__(self, op, const_value: Callable[[Any], np.ndarray | None]):
+        self.op = op
+        self.op_type = op.op_type
+        self._const_value = const_value
+
+    def has(self, name: str) -> bool:
+        return self.op.inputs.get(name) is not None
+
+    def is_const(self, name: str) -> bool:
+        var = self.op.inputs.get(name)
+        return var is not None and not isinstance(var, (list, tuple)) and self._const_value(var) is not None
+
+    def const(self, name: str, default: Any = _REQUIRED) -> Any:
+        """The constant value of input `name`, or `default` when the op does not have it."""
+        var = self.op.inputs.get(name)
+        if var is None:
+            if default is _REQUIRED:
+                raise ValueError(f"{self.op_type} {self.op.name!r}: missing required input {name!r}")
+            return default
+        value = self._const_value(var)
+        if value is None:
+            raise NotImplementedError(
+                f"{self.op_type} {self.op.name!r}: input {name!r} is computed at run time; "
+                "the evaluator supports only constant values for it"
+            )
+        return value
+
+    def const_tuple(self, name: str, default: Any = _REQUIRED) -> tuple[int, ...] | None:
+        value = self.const(name, default)
+        if value is None:
+            return None
+        return tuple(int(v) for v in np.atleast_1d(value))
+
+    def out_shape(self, index: int = 0) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.op.outputs[index].shape)
+
+    def out_dtype(self, index: int = 0) -> np.dtype:
+        return numpy_dtype(self.op.outputs[index].dtype)
+
+    def in_shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.op.inputs[name].shape)
+
+
+def _normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# ---------------------------------------------------------------------------------------
+# elementwise
+
+
+_BINARY = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "real_div": np.true_divide,
+    "pow": np.power,
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+    "floor_div": np.floor_divide,
+    "mod": np.mod,
+    "equal": np.equal,
+    "not_equal": np.not_equal,
+    "greater": np.greater,
+    "greater_equal": np.greater_equal,
+    "less": np.less,
+    "less_equal": np.less_equal,
+    "logical_and": np.logical_and,
+    "logical_or": np.logical_or,
+    "logical_xor": np.logical_xor,
+}
+
+
+@kernel(*_BINARY)
+def _binary(c: OpContext):
+    ufunc = _BINARY[c.op_type]
+    return (lambda x, y: ufunc(widen(x), widen(y))), ("x", "y")
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    if _torch is not None:
+        return _torch.special.erf(_torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+    return np.vectorize(math.erf, otypes=[np.float32])(x)  # pragma: no cover
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # exp(-x) overflows to inf for very negative x, giving 1/inf = 0: the right limit.
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+_UNARY = {
+    "abs": np.abs,
+    "acos": np.arccos,
+    "asin": np.arcsin,
+    "atan": np.arctan,
+    "atanh": np.arctanh,
+    "ceil": np.ceil,
+    "cos": np.cos,
+    "cosh": np.cosh,
+    "erf": _erf,
+    "exp": np.exp,
+    "exp2": np.exp2,
+    "floor": np.floor,
+    "logical_not": np.logical_not,
+    "round": np.round,  # half to even, as coremltools' value_inference does
+    "sign": np.sign,
+    "sin": np.sin,
+    "sinh": np.sinh,
+    "sqrt": np.sqrt,
+    "square": np.square,
+    "tan": np.tan,
+    "tanh": np.tanh,
+    "relu": lambda x: np.maximum(x, np.zeros((), x.dtype)),
+    "sigmoid": _sigmoid,
+    "silu": lambda x: x * _sigmoid(x),
+    "softplus": lambda x: np.logaddexp(np.zeros((), x.dtype), x),
+    "identity": lambda x: x,
+}
+
+
+@kernel(*_UNARY)
+def _unary(c: OpContext):
+    function = _UNARY[c.op_type]
+    return (lambda x: function(widen(x))), ("x",)
+
+
+@kernel("rsqrt", "inverse", "log")
+def _unary_with_epsilon(c: OpContext):
+    # MIL: rsqrt = 1/sqrt(x + eps) (default 1e-12), inverse = 1/(x + eps) (1e-4),
+    # log = log(x + eps) (1e-45). The loader writes the default in when it was omitted.
+    epsilon = np.float32(c.const("epsilon"))
+    if c.op_type == "rsqrt":
+        return (lambda x: 1.0 / np.sqrt(widen(x) + epsilon)), ("x",)
+    if c.op_type == "inverse":
+        return (lambda x: 1.0 / (widen(x) + epsilon)), ("x",)
+    return (lambda x: np.log(widen(x) + epsilon)), ("x",)
+
+
+@kernel("clip")
+def _clip(c: OpContext):
+    alpha, beta = np.float32(c.const("alpha")), np.float32(c.const("beta"))
+    return (lambda x: np.minimum(np.maximum(widen(x), alpha), beta)), ("x",)
+
+
+@kernel("threshold")
+def _threshold(c: OpContext):
+    alpha = np.float32(c.const("alpha"))
+    return (lambda x: np.maximum(widen(x), alpha)), ("x",)
+
+
+@kernel("leaky_relu", "elu", "clamped_relu")
+def _parametric_relu(c: OpContext):
+    alpha = np.float32(c.const("alpha"))
+    if c.op_type == "leaky_relu":
+        return (lambda x: np.where(widen(x) >= 0, widen(x), alpha * widen(x))), ("x",)
+    if c.op_type == "elu":
+        return (lambda x: np.where(widen(x) > 0, widen(x), alpha * (np.exp(widen(x)) - 1))), ("x",)
+    beta = np.float32(c.const("beta"))
+    return (lambda x: np.minimum(np.where(widen(x) >= 0, widen(x), alpha * widen(x)), beta)), ("x",)
+
+
+@kernel("gelu")
+def _gelu(c: OpContext):
+    mode = str(c.const("mode", "EXACT"))
+    if mode == "TANH_APPROXIMATION":
+        scale = np.float32(math.sqrt(2.0 / math.pi))
+        return (lambda x: 0.5 * widen(x) * (1 + np.tanh(scale * (widen(x) + 0.044715 * widen(x) ** 3)))), ("x",)
+    if mode == "SIGMOID_APPROXIMATION":
+        return (lambda x: widen(x) * _sigmoid(np.float32(1.702) * widen(x))), ("x",)
+    if mode == "EXACT":
+        inv_sqrt2 = np.float32(1.0 / math.sqrt(2.0))
+        return (lambda x: 0.5 * widen(x) * (1 + _erf(widen(x) * inv_sqrt2))), ("x",)
+    raise NotImplementedError(f"gelu {c.op.name!r}: unknown mode {mode!r}")
+
+
+@kernel("cast")
+def _cast(c: OpContext):
+    # The engine's rounding to the declared output dtype *is* the cast (astype semantics:
+    # float -> int truncates toward zero, int -> narrower int wraps).
+    return (lambda x: x), ("x",)
+
+
+@kernel("select")
+def _select(c: OpContext):
+    return (lambda cond, a, b: np.where(cond.astype(bool, copy=False), widen(a), widen(b))), ("cond", "a", "b")
+
+
+# ---------------------------------------------------------------------------------------
+# linear algebra and normalization
+
+
+@kernel("linear")
+def _linear(c: OpContext):
+    if c.has("bias") and not c.is_const("bias"):
+        return (lambda x, weight, bias: np.matmul(widen(x), widen(weight).T) + widen(bias)), ("x", "weight", "bias")
+    bias = c.const("bias", None)
+    if bias is not None and not np.any(bias):
+        bias = None  # coremltools writes an all-zero bias when none was given
+
+    if bias is None:
+        return (lambda x, weight: np.matmul(widen(x), widen(weight).T)), ("x", "weight")
+    bias32 = np.asarray(bias, np.float32)
+    return (lambda x, weight: np.matmul(widen(x), widen(weight).T) + bias32), ("x", "weight")
+
+
+@kernel("matmul")
+def _matmul(c: OpContext):
+    transpose_x = bool(c.const("transpose_x", False))
+    transpose_y = bool(c.const("transpose_y", False))
+
+    def run(x, y):
+        x, y = widen(x), widen(y)
+        if transpose_x:
+            x = np.swapaxes(x, -1, -2)
+        if transpose_y:
+            y = np.swapaxes(y, -1, -2)
+        return np.matmul(x, y)
+
+    return run, ("x", "y")
+
+
+@kernel("softmax")
+def _softmax(c: OpContext):
+    axis = int(c.const("axis", -1))
+
+    def run(x):
+        x = widen(x)
+        shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
+        return shifted / np.sum(shifted, axis=axis, keepdims=True)
+
+    return run, ("x",)
+
+
+@kernel("layer_norm")
+def _layer_norm(c: OpContext):
+    axes = c.const_tuple("axes", None)
+    epsilon = np.float32(c.const("epsilon", 1e-5))
+
+    def run(x, gamma, beta):
+        x = widen(x)
+        mean = np.mean(x, axis=axes, keepdims=True)
+        centered = x - mean
+        out = centered / np.sqrt(np.mean(centered * centered, axis=axes, keepdims=True) + epsilon)
+        if gamma is not None:
+            out = out * widen(gamma)
+        if beta is not None:
+            out = out + widen(beta)
+        return out
+
+    return run, ("x", "gamma", "beta")
+
+
+@kernel("scaled_dot_product_attention")
+def _sdpa(c: OpContext):
+    def run(query, key, value, attn_mask):
+        query, key, value = widen(query), widen(key), widen(value)
+        scores = np.matmul(query, np.swapaxes(key, -1, -2)) / np.float32(math.sqrt(query.shape[-1]))
+        if attn_mask is not None:
+            if attn_mask.dtype == np.bool_:
+                scores = np.where(attn_mask, scores, -np.inf)
+            else:
+                scores = scores + widen(attn_mask)
+        scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+        scores /= np.sum(scores, axis=-1, keepdims=True)
+        return np.matmul(scores, value)
+
+    return run, ("query", "key", "value", "attn_mask")
+
+
+# ---------------------------------------------------------------------------------------
+# reductions
+
+
+_REDUCE = {
+    "reduce_mean": np.mean,
+    "reduce_sum": np.sum,
+    "reduce_max": np.max,
+    "reduce_min": np.min,
+    "reduce_prod": np.prod,
+    "reduce_sum_square": lambda x, axis, keepdims: np.sum(x * x, axis=axis, keepdims=keepdims),
+    "reduce_l1_norm": lambda x, axis, keepdims: np.sum(np.abs(x), axis=axis, keepdims=keepdims),
+    "reduce_l2_norm": lambda x, axis, keepdims: np.sqrt(np.sum(x * x, axis=axis, keepdims=keepdims)),
+    "reduce_log_sum_exp": lambda x, axis, keepdims: np.log(np.sum(np.exp(x), axis=axis, keepdims=keepdims)),
+}
+
+
+@kernel(*_REDUCE)
+def _reduce(c: OpContext):
+    function = _REDUCE[c.op_type]
+    axes = c.const_tuple("axes", None)  # None: reduce over every axis
+    keep_dims = bool(c.const("keep_dims", False))
+    return (lambda x: function(widen(x), axis=axes, keepdims=keep_dims)), ("x",)
+
+
+@kernel("reduce_argmax", "reduce_argmin")
+def _reduce_arg(c: OpContext):
+    function = np.argmax if c.op_type == "reduce_argmax" else np.argmin
+    axis = int(c.const("axis", -1))
+    keep_dims = bool(c.const("keep_dims", False))
+    return (lambda x: function(x, axis=axis, keepdims=keep_dims)), ("x",)
+
+
+@kernel("topk")
+def _topk(c: OpContext):
+    axis = int(c.const("axis", -1))
+    k = int(c.const("k", 1))
+    ascending = bool(c.const("ascending", False))
+    return_indices = bool(c.const("return_indices", True))
+
+    def run(x):
+        # Indices are computed as int64 here; the engine then casts them to the declared
+        # index dtype, so a uint16 declaration wraps exactly as on device.
+        moved = np.moveaxis(widen(x), axis, -1)
+        key = moved if ascending else -moved
+        length = key.shape[-1]
+        if k < length:
+            candidates = np.argpartition(key, k - 1, axis=-1)[..., :k]
+        else:
+            candidates = np.broadcast_to(np.arange(length), key.shape).copy()
+        candidate_keys = np.take_along_axis(key, candidates, axis=-1)
+        # Sort by key, ties by lower index (stable, like a sorted scan).
+        order = np.lexsort((candidates, candidate_keys), axis=-1)
+        indices = np.take_along_axis(candidates, order, axis=-1)
+        values = np.take_along_axis(moved, indices, axis=-1)
+        values, indices = np.moveaxis(values, -1, axis), np.moveaxis(indices, -1, axis)
+        return (values, indices) if return_indices else (values,)
+
+    return run, ("x",)
+
+
+@kernel("argsort")
+def _argsort(c: OpContext):
+    axis = int(c.const("axis", -1))
+    ascending = bool(c.const("ascending", False))
+    return (lambda x: np.argsort(widen(x) if ascending else -widen(x), axis=axis, kind="stable")), ("x",)
+
+
+@kernel("cumsum")
+def _cumsum(c: OpContext):
+    axis = int(c.const("axis", 0))
+    exclusive = bool(c.const("exclusive", False))
+    reverse = bool(c.const("reverse", False))
+
+    def run(x):
+        x = widen(x)
+        if reverse:
+            x = np.flip(x, axis)
+        out = np.cumsum(x, axis=axis, dtype=x.dtype)
+        if exclusive:
+            out = out - x
+        return np.flip(out, axis) if reverse else out
+
+    return run, ("x",)
+
+
+# ---------------------------------------------------------------------------------------
+# shape and data movement (no arithmetic: values keep their declared dtype)
+
+
+@kernel("reshape", "expand_dims", "squeeze", "flatten2d", computes=False)
+def _reshape(c: OpContext):
+    # Shapes are static (the loader rejects flexible inputs), so the declared output shape
+    # is the answer for every op that only re-labels dimensions.
+    shape = c.out_shape()
+    return (lambda x: np.reshape(x, shape)), ("x",)
+
+
+@kernel("transpose", computes=False)
+def _transpose(c: OpContext):
+    perm = c.const_tuple("perm")
+    return (lambda x: np.transpose(x, perm)), ("x",)
+
+
+def _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+    slices = []
+    for axis, dim in enumerate(shape):
+        step = int(stride[axis]) if stride is not None else 1
+        if squeeze_mask is not None and squeeze_mask[axis]:
+            index = int(begin[axis])
+            slices.append(index + dim if index < 0 else index)
+            continue
+        start = None if begin_mask is not None and begin_mask[axis] else int(begin[axis])
+        stop = None if end_mask is not None and end_mask[axis] else int(end[axis])
+        slices.append(slice(start, stop, step))
+    return tuple(slices)
+
+
+@kernel("slice_by_index", computes=False)
+def _slice_by_index(c: OpContext):
+    shape = c.in_shape("x")
+    stride = c.const_tuple("stride", None)
+    begin_mask = c.const_tuple("begin_mask", None)
+    end_mask = c.const_tuple("end_mask", None)
+    squeeze_mask = c.const_tuple("squeeze_mask", None)
+    out_shape = c.out_shape()
+    if c.is_const("begin") and c.is_const("end"):
+        slices = _index_slices(
+            shape, c.const_tuple("begin"), c.const_tuple("end"), stride, begin_mask, end_mask, squeeze_mask
+        )
+        return (lambda x: np.reshape(x[slices], out_shape)), ("x",)
+
+    def run(x, begin, end):
+        slices = _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+        return np.reshape(x[slices], out_shape)
+
+    return run, ("x", "begin", "end")
+
+
+@kernel("slice_by_size", computes=False)
+def _slice_by_size(c: OpContext):
+    def slices_of(begin, size):
+        return tuple(
+            slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(begin, size)
+        )
+
+    if c.is_const("begin") and c.is_const("size"):
+        slices = slices_of(c.const_tuple("begin"), c.const_tuple("size"))
+        return (lambda x: x[slices]), ("x",)
+    return (lambda x, begin, size: x[slices_of(begin, size)]), ("x", "begin", "size")
+
+
+@kernel("slice_update", computes=False)
+def _slice_update(c: OpContext):
+    shape = c.in_shape("x")
+    stride = c.const_tuple("stride", None)
+    begin_mask = c.const_tuple("begin_mask", None)
+    end_mask = c.const_tuple("end_mask", None)
+    squeeze_mask = c.const_tuple("squeeze_mask", None)
+
+    def run(x, update, begin, end):
+        out = np.array(x, copy=True)
+        slices = _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+        out[slices] = np.reshape(update, out[slices].shape)
+        return out
+
+    return run, ("x", "update", "begin", "end")
+
+
+@kernel("concat", computes=False)
+def _concat(c: OpContext):
+    axis = int(c.const("axis"))
+    interleave = bool(c.const("interleave", False))
+    out_shape = c.out_shape()
+    if interleave:
+        # [a0, b0, a1, b1, ...] along axis: stack behind the axis, then merge the two.
+        rank = len(out_shape)
+        axis = _normalize_axis(axis, rank)
+        return (lambda values: np.reshape(np.stack(values, axis=axis + 1), out_shape)), ("values",)
+    return (lambda values: np.concatenate(values, axis=axis)), ("values",)
+
+
+@kernel("stack", computes=False)
+def _stack(c: OpContext):
+    axis = int(c.const("axis", 0))
+    return (lambda values: np.stack(values, axis=axis)), ("values",)
+
+
+@kernel("split", computes=False)
+def _split(c: OpContext):
+    axis = int(c.const("axis"))
+    sizes = [shape[_normalize_axis(axis, len(shape))] for shape in (c.out_shape(i) for i in range(len(c.op.outputs)))]
+    boundaries = np.cumsum(sizes)[:-1].tolist()
+    return (lambda x: tuple(np.split(x, boundaries, axis=axis))), ("x",)
+
+
+@kernel("gather", computes=False)
+def _gather(c: OpContext):
+    axis = _normalize_axis(int(c.const("axis", 0)), len(c.in_shape("x")))
+    batch_dims = int(c.const("batch_dims", 0))
+    out_shape = c.out_shape()
+    if batch_dims == 0:
+        return (lambda x, indices: np.take(x, indices.astype(np.intp, copy=False), axis=axis)), ("x", "indices")
+
+    def run(x, indices):
+        # Flatten the shared leading batch dims, gather per batch entry, restore the shape.
+        batch_count = math.prod(x.shape[:batch_dims])
+        x_batched = np.reshape(x, (batch_count,) + x.shape[batch_dims:])
+        indices_batched = np.reshape(indices, (batch_count,) + indices.shape[batch_dims:]).astype(np.intp)
+        gathered = [np.take(x_batched[b], indices_batched[b], axis=axis - batch_dims) for b in range(batch_count)]
+        return np.reshape(np.stack(gathered), out_shape)
+
+    return run, ("x", "indices")
+
+
+@kernel("gather_along_axis", computes=False)
+def _gather_along_axis(c: OpContext):
+    axis = int(c.const("axis", 0))
+
+    def run(x, indices):
+        indices = indices.astype(np.intp)
+        indices = np.where(indices < 0, indices + x.shape[axis], indices)
+        return np.take_along_axis(x, indices, axis=axis)
+
+    return run, ("x", "indices")
+
+
+@kernel("gather_nd", computes=False)
+def _gather_nd(c: OpContext):
+    if int(c.const("batch_dims", 0)) != 0:
+        raise NotImplementedError(f"gather_nd {c.op.name!r}: batch_dims > 0 is not supported")
+    return (lambda x, indices: x[tuple(np.moveaxis(indices.astype(np.intp), -1, 0))]), ("x", "indices")
+
+
+@kernel("tile", computes=False)
+def _tile(c: OpContext):
+    reps = c.const_tuple("reps")
+    return (lambda x: np.tile(x, reps)), ("x",)
+
+
+@kernel("fill", computes=False)
+def _fill(c: OpContext):
+    shape, dtype = c.out_shape(), c.out_dtype()
+    return (lambda value: np.full(shape, value, dtype=dtype)), ("value",)
+
+
+@kernel("pad", computes=False)
+def _pad(c: OpContext):
+    pad = np.asarray(c.const("pad")).reshape(-1, 2)
+    mode = str(c.const("mode", "constant"))
+    constant = c.const("constant_val", 0.0)
+    numpy_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}[mode]
+    pad_width = [(0, 0)] * (len(c.in_shape("x")) - len(pad)) + [tuple(int(v) for v in row) for row in pad]
+    if numpy_mode == "constant":
+        return (lambda x: np.pad(x, pad_width, mode="constant", constant_values=constant)), ("x",)
+    return (lambda x: np.pad(x, pad_width, mode=numpy_mode)), ("x",)
+
+
+@kernel("band_part", computes=False)
+def _band_part(c: OpContext):
+    lower, upper = int(c.const("lower", -1)), int(c.const("upper", -1))
+    rows, cols = c.in_shape("x")[-2:]
+    offset = np.arange(cols)[None, :] - np.arange(rows)[:, None]  # column - row
+    keep = np.ones((rows, cols), bool)
+    if lower >= 0:
+        keep &= offset >= -lower
+    if upper >= 0:
+        keep &= offset <= upper
+    return (lambda x: np.where(keep, x, np.zeros((), x.dtype))), ("x",)
+
+
+@kernel("range_1d", computes=False)
+def _range_1d(c: OpContext):
+    dtype = c.out_dtype()
+    return (lambda end, start, step: np.arange(start, end, step).astype(dtype)), ("end", "start", "step")
+
+
+@kernel("shape", computes=False)
+def _shape(c: OpContext):
+    return (lambda x: np.asarray(x.shape, np.int32)), ("x",)
+
+
+@kernel("one_hot", computes=False)
+def _one_hot(c: OpContext):
+    size = int(c.const("one_hot_vector_size"))
+    axis = int(c.const("axis", -1))
+    on_value, off_value = c.const("on_value", 1), c.const("off_value", 0)
+
+    def run(indices):
+        hot = np.expand_dims(indices, -1) == np.arange(size)
+        return np.moveaxis(np.where(hot, on_value, off_value), -1, axis)
+
+    return run, ("indices",)
+
+
+# ---------------------------------------------------------------------------------------
+# random ops: same distribution as Core ML, never the same draws (its generator is private)
+
+
+@kernel("random_uniform", deterministic=False)
+def _random_uniform(c: OpContext):
+    shape = c.out_shape()
+    seed = int(c.const("seed", -1))
+    generator = np.random.default_rng(None if seed == -1 else seed)
+    return (lambda low, high: generator.uniform(widen(low), widen(high), size=shape)), ("low", "high")
+
+
+@kernel("random_categorical", deterministic=False)
+def _random_categorical(c: OpContext):
+    mode = str(c.const("mode", "logits"))
+    size = int(c.const("size", 1))
+    seed = int(c.const("seed", -1))
+    generator = np.random.default_rng(None if seed == -1 else seed)
+
+    def run(x):
+        x = widen(x).astype(np.float64)
+        if mode == "logits":
+            x = np.exp(x - np.max(x, axis=-1, keepdims=True))
+        cumulative = np.cumsum(x, axis=-1)
+        cumulative /= cumulative[..., -1:]
+        flat = cumulative.reshape(-1, cumulative.shape[-1])
+        draws = generator.random((flat.shape[0], size))
+        picked = np.stack([np.searchsorted(row, u, side="right") for row, u in zip(flat, draws)])
+        picked = np.minimum(picked, flat.shape[1] - 1)
+        return picked.reshape(x.shape[:-1] + (size,))
+
+    return run, ("x",)
+
+
+# ---------------------------------------------------------------------------------------
+# constexpr decompression (load time only)
+
+
+def _block_repeat_multiply(data: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, out_dtype) -> np.ndarray:
+    """scale * (data - offset), scale/offset broadcast over blocks, computed in fp32 in chunks."""
+    out = np.empty(data.shape, out_dtype)
+    block = [d // s for d, s in zip(data.shape, scale.shape)]
+    # View data as (g0, b0, g1, b1, ...) so one scale broadcasts over each block.
+    scale_view = scale.astype(np.float32).reshape([v for g in scale.shape for v in (g, 1)])
+    offset_view = None if offset is None else offset.astype(np.float32).reshape(scale_view.shape)
+    row_elements = max(1, math.prod(data.shape[1:]))
+    rows_per_chunk = max(block[0], (_DECOMPRESS_CHUNK_ELEMENTS // row_elements) // block[0] * block[0])
+    for start in range(0, data.shape[0], rows_per_chunk):
+        stop = min(start + rows_per_chunk, data.shape[0])
+        chunk = data[start:stop].astype(np.float32)
+        groups0 = (stop - start) // block[0]
+        blocked = chunk.reshape([groups0, block[0]] + [v for g, b in zip(scale.shape[1:], block[1:]) for v in (g, b)])
+        chunk_scale = scale_view[start // block[0] : start // block[0] + groups0]
+        if offset_view is not None:
+            blocked = blocked - offset_view[start // block[0] : start // block[0] + groups0]
+        out[start:stop] = to_dtype((blocked * chunk_scale).reshape(chunk.shape), out_dtype)
+    return out
+
+
+def lut_to_dense(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None) -> np.ndarray:
+    """iOS18 constexpr_lut_to_dense: per-block palettes, scalar or vector entries.
+
+    lut has shape (G_0, ..., G_{K-1}, 2**nbits, VECTOR_SIZE) for K-rank indices; element
+    indices[i] reads palette (i_0 // B_0, ..., i_{K-1} // B_{K-1}) with B_k = n_k / G_k.
+    """
+    rank = indices.ndim
+    groups, palette_size, vector_size = lut.shape[:rank], lut.shape[-2], lut.shape[-1]
+    block = [n // g for n, g in zip(indices.shape, groups)]
+    if vector_size > 1 and vector_axis is None:
+        raise ValueError("constexpr_lut_to_dense: VECTOR_SIZE > 1 needs vector_axis")
+    vector_axis = 0 if vector_axis is None else _normalize_axis(int(vector_axis), rank)
+    flat_lut = lut.reshape(-1, vector_size)  # row = palette_id * palette_size + index
+    out_shape = list(indices.shape)
+    out_shape[vector_axis] *= vector_size
+    out = np.empty(out_shape, lut.dtype)
+    row_factor = vector_size if vector_axis == 0 else 1
+
+    # Palette id of every position along axes 1..K-1 (broadcast), fixed for all chunks.
+    tail_palette = np.zeros([1] + list(indices.shape[1:]), np.int64)
+    stride = 1
+    for axis in range(rank - 1, 0, -1):
+        along = (np.arange(indices.shape[axis]) // block[axis]) * stride
+        tail_palette = tail_palette + along.reshape([1] * axis + [-1] + [1] * (rank - axis - 1))
+        stride *= groups[axis]
+    row_elements = max(1, math.prod(indices.shape[1:]))
+    rows_per_chunk = max(1, _DECOMPRESS_CHUNK_ELEMENTS // row_elements)
+    for start in range(0, indices.shape[0], rows_per_chunk):
+        stop = min(start + rows_per_chunk, indices.shape[0])
+        head_palette = (np.arange(start, stop) // block[0]) * stride
+        palette = head_palette.reshape([-1] + [1] * (rank - 1)) + tail_palette
+        rows = palette * palette_size + indices[start:stop].astype(np.int64)
+        values = flat_lut[rows]  # (chunk..., VECTOR_SIZE)
+        if vector_size > 1:
+            values = np.moveaxis(values, -1, vector_axis + 1)
+            shape = list(rows.shape)
+            shape[vector_axis] *= vector_size
+            values = values.reshape(shape)
+        else:
+            values = values[..., 0]
+        out[start * row_factor : stop * row_factor] = values
+    return out
+
+
+def _lut_to_dense_ios16(indices: np.ndarray, lut: np.ndarray, shape) -> np.ndarray:
+    """iOS16 constexpr_lut_to_dense: one flat palette, packed indices, explicit shape."""
+    nbits = int(round(math.log2(lut.size)))
+    bits = np.unpackbits(indices.astype(np.uint8), bitorder="little")
+    count = math.prod(shape)
+    values = bits[: count * nbits].reshape(count, nbits).astype(np.int64)
+    index = (values << np.arange(nbits)).sum(axis=1)
+    return lut[index].reshape(shape)
+
+
+def _sparse_to_dense(nonzero_data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = np.zeros(mask.shape, nonzero_data.dtype)
+    out[mask != 0] = nonzero_data
+    return out
+
+
+def decompress_constexpr(op_type: str, inputs: dict[str, Any], out_dtypes: list[np.dtype], op) -> tuple:
+    """Materialize one constexpr op from its (already materialized) inputs."""
+    if op_type == "constexpr_lut_to_dense":
+        if "shape" in inputs:  # iOS16 form
+            return (_lut_to_dense_ios16(inputs["indices"], inputs["lut"], tuple(inputs["shape"])),)
+        vector_axis = inputs.get("vector_axis")
+        return (lut_to_dense(inputs["indices"], inputs["lut"], None if vector_axis is None else int(vector_axis)),)
+    if op_type == "constexpr_blockwise_shift_scale":
+        data, scale = inputs["data"], inputs["scale"]
+        return (_block_repeat_multiply(data, scale, inputs.get("offset"), out_dtypes[0]),)
+    if op_type == "constexpr_affine_dequantize":
+        data = inputs["quantized_data"].astype(np.float32)
+        axis = _normalize_axis(int(inputs["axis"]), data.ndim)
+        broadcast = [1] * data.ndim
+        broadcast[axis] = -1
+        scale = np.reshape(np.asarray(inputs["scale"], np.float32), broadcast if np.size(inputs["scale"]) > 1 else ())
+        zero = np.reshape(np.asarray(inputs["zero_point"], np.float32), broadcast if np.size(inputs["zero_point"]) > 1 else ())
+        return (to_dtype(scale * (data - zero), out_dtypes[0]),)
+    if op_type == "constexpr_cast":
+        return (inputs["source_val"],)  # the engine rounds to the declared output dtype
+    if op_type == "constexpr_sparse_to_dense":
+        if "shape" in inputs:  # iOS16 form: flat uint8 bitmask, explicit shape
+            shape = tuple(int(v) for v in inputs["shape"])
+            bits = np.unpackbits(inputs["mask"].astype(np.uint8), bitorder="little")[: math.prod(shape)]
+            return (_sparse_to_dense(inputs["nonzero_data"], bits.reshape(shape)),)
+        return (_sparse_to_dense(inputs["nonzero_data"], inputs["mask"]),)
+    if op_type == "constexpr_lut_to_sparse":
+        mask, nonzero_indices, lut = inputs["indices_mask"], inputs["indices_nonzero_data"], inputs["lut"]
+        if lut.shape[-1] != 1 or math.prod(lut.shape[:-2]) != 1:
+            raise NotImplementedError(f"{op_type} {op.name!r}: only a single scalar palette is supported")
+        return mask, lut.reshape(-1)[nonzero_indices.astype(np.int64)]
+    if op_type == "constexpr_sparse_blockwise_shift_scale":
+        mask, data, scale = inputs["mask"], inputs["nonzero_data"], inputs["scale"]
+        dense = _sparse_to_dense(data, mask)
+        offset = inputs.get("offset")
+        dense_offset = None if offset is None else offset
+        values = _block_repeat_multiply(dense, scale, dense_offset, out_dtypes[1])
+        return mask, values[mask != 0]
+    raise NotImplementedError(f"constexpr op {op_type!r} ({op.name!r}) is not supported by the evaluator")

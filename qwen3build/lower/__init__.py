@@ -1,0 +1,1 @@
+"""Backends for graph.py: eager torch (the reference) and MIL (the packages)."""

@@ -1,0 +1,1 @@
+"""Static numerics of the re-authored graph: tables and SLaNC scales (pure numpy)."""

@@ -1,0 +1,93 @@
+"""The build plan: settings + model config + layout + checkpoint files, validated up front.
+
+Making a plan reads config.json and the safetensors headers, never weight bytes, so
+every input error surfaces before any work, and dodo.py stays fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+
+from .config import ANE_MAX_LAYERS_PER_SHARD, Settings, ShardSpec, load_settings, parse_layout
+from .errors import BuildError
+from .model_config import ModelConfig, load_model_config
+from .weights import Checkpoint, resolve_weight_files
+
+log = logging.getLogger(__name__)
+
+IO_MODEL = "io_model"
+SAMPLER = "sampler_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    config: ModelConfig
+    layout: tuple[ShardSpec, ...]
+    weight_files: tuple[Path, ...]
+    weight_index: Path | None
+
+    # -- paths ----------------------------------------------------------------
+    @property
+    def artifacts(self) -> Path:
+        return self.settings.artifacts_dir
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.artifacts / "numerics" / "weights_manifest.json"
+
+    @property
+    def scales_path(self) -> Path:
+        return self.artifacts / "numerics" / "slanc_scales.npy"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.artifacts / ".state"
+
+    def package_path(self, package: str) -> Path:
+        return self.settings.OUT_DIR / f"{package}.mlpackage"
+
+    def mil_path(self, package: str) -> Path:
+        return self.settings.MIL_DIR / f"{package}.mil"
+
+    def shard(self, name: str) -> ShardSpec:
+        for spec in self.layout:
+            if spec.name == name:
+                return spec
+        raise BuildError(f"no shard named {name!r}; the layout has {', '.join(s.name for s in self.layout)}")
+
+    @property
+    def packages(self) -> list[str]:
+        return [IO_MODEL] + [s.package_name for s in self.layout] + [SAMPLER]
+
+    @functools.cached_property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.config, list(self.weight_files), self.weight_index)
+
+    @property
+    def stat_inputs(self) -> list[Path]:
+        """Files whose (inode, size, mtime) guard the weights manifest."""
+        extra = [self.settings.CONFIG]
+        gen = self.settings.CONFIG.with_name("generation_config.json")
+        if gen.is_file():
+            extra.append(gen)
+        if self.weight_index:
+            extra.append(self.weight_index)
+        return list(self.weight_files) + extra
+
+
+def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Plan:
+    settings = load_settings(overrides, environ)
+    config = load_model_config(settings.CONFIG)
+    layout = parse_layout(settings.SHARDS, config.num_hidden_layers)
+    if settings.SEQ_LEN > config.max_position_embeddings:
+        raise BuildError(f"SEQ_LEN={settings.SEQ_LEN} exceeds the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}; choose SEQ_LEN <= {config.max_position_embeddings}")
+    files, index = resolve_weight_files(settings.CONFIG, settings.WEIGHTS, settings.WEIGHTS_INDEX, settings.WEIGHTS_GLOB)
+    for spec in layout:
+        if len(spec.layers) > ANE_MAX_LAYERS_PER_SHARD:
+            log.warning("shard %s has %d layers: above ~%d layers per chunk the ANE compiler has been seen to fail",
+                        spec.name, len(spec.layers), ANE_MAX_LAYERS_PER_SHARD)
+    return Plan(settings, config, layout, tuple(files), index)

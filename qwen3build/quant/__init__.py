@@ -1,0 +1,1 @@
+"""Weight quantization math (pure numpy) and its MIL emission for coremltools iOS18."""

@@ -1,0 +1,239 @@
+"""What each artifact reads, how its key is made, and how it is built.
+
+dodo.py wires these into doit tasks; this module does the work. Every keyed artifact
+goes through ActionCache.run: restored from cache/ when its key was built before,
+otherwise built aside, stored, and published atomically.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .cache import RUN_ID_ENV, ActionCache, replace_atomically
+from .hashing import action_key, digest_bytes
+from .plan import IO_MODEL, SAMPLER, Plan
+from .weights import DigestStore, LAYER_TENSORS, layer_tensor_name, stat_signature
+
+log = logging.getLogger(__name__)
+
+# The model-config fields a decoder shard's bytes depend on (not vocab, not the head).
+SHARD_CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtifactSpec:
+    outputs: list[Path]
+    key: Callable[[], str]
+    build: Callable[[list[Path]], dict | None]
+
+
+class Artifacts:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        s = plan.settings
+        self.cache = ActionCache(s.CACHE_DIR, s.TMP_DIR, plan.state_dir)
+        self._manifest = None
+
+    # ------------------------------------------------------------ weights
+    def weights_uptodate(self) -> bool:
+        try:
+            manifest = json.loads(self.plan.manifest_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return manifest.get("stat") == stat_signature(self.plan.stat_inputs)
+
+    def weights_action(self) -> None:
+        """Per-tensor digests of the checkpoint (hashing only files whose stat changed)."""
+        started = time.perf_counter()
+        plan = self.plan
+        checkpoint = plan.checkpoint  # validates names, shapes and dtypes against config.json
+        store = DigestStore(plan.settings.CACHE_DIR / "stat.sqlite3")
+        try:
+            digests = {}
+            for path in plan.weight_files:
+                digests.update(store.file_digests(checkpoint, path))
+        finally:
+            store.close()
+        manifest = {"stat": stat_signature(plan.stat_inputs), "config": plan.config.to_dict(),
+                    "tensors": dict(sorted(digests.items()))}
+        _write_json_if_changed(plan.manifest_path, manifest)
+        self._manifest = manifest
+        self.cache.write_state("weights", {"status": "rebuilt", "bytes_hashed": store.bytes_hashed,
+                                            "seconds": round(time.perf_counter() - started, 3),
+                                            "run_id": os.environ.get(RUN_ID_ENV, ""), "key": ""})
+        log.info("weights: %d tensors, %.1f MB hashed", len(digests), store.bytes_hashed / 1e6)
+
+    def manifest(self) -> dict:
+        if self._manifest is None:
+            self._manifest = json.loads(self.plan.manifest_path.read_text())
+        return self._manifest
+
+    def tensor_digests(self, names) -> dict:
+        tensors = self.manifest()["tensors"]
+        return {name: tensors[name] for name in names}
+
+    # ------------------------------------------------------------ keyed artifacts
+    def spec(self, artifact_id: str) -> ArtifactSpec:
+        kind, _, name = artifact_id.partition(":")
+        if kind == "slanc":
+            return self._slanc()
+        if kind == "shard":
+            return self._shard(name)
+        if kind == IO_MODEL:
+            return self._io_model()
+        if kind == SAMPLER:
+            return self._sampler()
+        raise KeyError(artifact_id)
+
+    def uptodate(self, artifact_id: str) -> bool:
+        spec = self.spec(artifact_id)
+        return self.cache.is_current(artifact_id, spec.key(), spec.outputs)
+
+    def run(self, artifact_id: str) -> dict:
+        spec = self.spec(artifact_id)
+        key = spec.key()
+        if self.cache.is_current(artifact_id, key, spec.outputs):
+            return self.cache.read_state(artifact_id)
+        return self.cache.run(artifact_id, key, spec.outputs, spec.build)
+
+    # -- SLaNC scales
+    def _slanc(self) -> ArtifactSpec:
+        plan = self.plan
+        external = plan.settings.SCALES
+
+        def key():
+            inputs = {"external": digest_bytes(external.read_bytes()) if external else None}
+            tensors = {} if external else self.manifest()["tensors"]
+            return action_key("slanc", code=("qwen3build.numerics.slanc",), settings={"layers": plan.config.num_hidden_layers},
+                              tensors=tensors, inputs=inputs)
+
+        def build(outputs):
+            from .numerics.slanc import compute_slanc_scales, validate_scales
+            if external:
+                try:
+                    scales = np.load(external)
+                except (OSError, ValueError) as exc:
+                    from .errors import BuildError
+                    raise BuildError(f"SCALES={external}: cannot read ({exc}); give a .npy of shape (layers + 1, 4)") from None
+                scales = validate_scales(scales, plan.config.num_hidden_layers, f"SCALES={external}")
+                info = {"source": str(external)}
+            else:
+                scales, info = compute_slanc_scales(plan.checkpoint)
+            with open(outputs[0], "wb") as handle:
+                np.save(handle, scales)
+            return {"scales_min": float(scales.min())}
+
+        return ArtifactSpec([plan.scales_path], key, build)
+
+    def scales(self) -> np.ndarray:
+        return np.load(self.plan.scales_path)
+
+    # -- decoder shards
+    def _shard(self, name: str) -> ArtifactSpec:
+        plan = self.plan
+        spec = plan.shard(name)
+        package = spec.package_name
+        settings = plan.settings
+
+        def key():
+            names = [layer_tensor_name(layer, kind) for layer in spec.layers for kind in LAYER_TENSORS]
+            if spec.is_exit:
+                names.append("model.norm.weight")
+            scales = self.scales()
+            rows = scales[list(spec.layers)].tolist() + ([scales[-1].tolist()] if spec.is_exit else [])
+            model = {f: getattr(plan.config, f) for f in SHARD_CONFIG_FIELDS}
+            return action_key("shard", code=("qwen3build.lower.programs", "qwen3build.lower.save"),
+                              settings={"SEQ_LEN": settings.SEQ_LEN, "PALETTIZE_MASKS": settings.PALETTIZE_MASKS,
+                                        "RECIPE": settings.RECIPE, "shard": dataclasses.asdict(spec), "model": model},
+                              tensors=self.tensor_digests(names), inputs={"scales": rows})
+
+        def build(outputs):
+            from .lower import programs, save
+            started = time.perf_counter()
+            log.info("%s: layers %d-%d (%s), SEQ_LEN %d", package, spec.first, spec.last, spec.role, settings.SEQ_LEN)
+            program = programs.shard_program(plan.checkpoint, programs.DenseWeights(plan.checkpoint), spec,
+                                             self.scales(), settings.SEQ_LEN, settings.PALETTIZE_MASKS)
+            model = save.convert(program, {"package": package, "role": spec.role, "layers": f"{spec.first}-{spec.last}",
+                                           "seq_len": settings.SEQ_LEN, "compute_units": "CPU_AND_NE",
+                                           "recipe": settings.RECIPE})
+            save.save_package(model, outputs[0])
+            outputs[1].write_text(save.mil_text(model))
+            log.info("%s: built in %.1fs", package, time.perf_counter() - started)
+            return {"layers": len(spec.layers), "role": spec.role}
+
+        return ArtifactSpec([plan.package_path(package), plan.mil_path(package)], key, build)
+
+    # -- io_model: embedding + LM head, one package with two functions
+    def _io_model(self) -> ArtifactSpec:
+        plan = self.plan
+        config = plan.config
+
+        def key():
+            names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+            return action_key("io_model", code=("qwen3build.lower.programs", "qwen3build.lower.save"),
+                              settings={"RECIPE": plan.settings.RECIPE, "vocab_size": config.vocab_size,
+                                        "hidden_size": config.hidden_size, "tied": config.tie_word_embeddings},
+                              tensors=self.tensor_digests(names))
+
+        def build(outputs):
+            from .lower import programs, save
+            checkpoint = plan.checkpoint
+            table = programs.fp16_array(checkpoint.tensor("model.embed_tokens.weight"), "embed_tokens")
+            tied = config.tie_word_embeddings
+            head = table if tied else programs.fp16_array(checkpoint.tensor("lm_head.weight"), "lm_head")
+            meta = {"package": IO_MODEL, "compute_units": "CPU_AND_GPU", "recipe": plan.settings.RECIPE,
+                    "tied": tied}
+            parts = {}
+            texts = []
+            scratch = outputs[0].parent
+            for function, program in (("embed", programs.embed_program(table, config)),
+                                      ("lm_head", programs.head_program(head, config, tied))):
+                model = save.convert(program, meta)
+                parts[function] = scratch / f"{function}.part.mlpackage"
+                save.save_package(model, parts[function])
+                texts.append(f"// function {function}\n{save.mil_text(model)}")
+            save.save_multifunction(parts, "embed", outputs[0])
+            for part in parts.values():
+                from .cache import remove_path
+                remove_path(part)
+            outputs[1].write_text("\n".join(texts))
+            return {"functions": list(parts)}
+
+        return ArtifactSpec([plan.package_path(IO_MODEL), plan.mil_path(IO_MODEL)], key, build)
+
+    # -- sampler
+    def _sampler(self) -> ArtifactSpec:
+        plan = self.plan
+        vocab = plan.config.vocab_size
+
+        def key():
+            return action_key("sampler", code=("qwen3build.lower.programs", "qwen3build.lower.save"),
+                              settings={"vocab_size": vocab}, tensors={})
+
+        def build(outputs):
+            from .lower import programs, save
+            model = save.convert(programs.greedy_sampler_program(vocab),
+                                 {"package": SAMPLER, "compute_units": "CPU_AND_GPU", "mode": "greedy"})
+            save.save_package(model, outputs[0])
+            outputs[1].write_text(save.mil_text(model))
+            return {"mode": "greedy"}
+
+        return ArtifactSpec([plan.package_path(SAMPLER), plan.mil_path(SAMPLER)], key, build)
+
+
+def _write_json_if_changed(path: Path, obj: dict) -> None:
+    text = json.dumps(obj, indent=1, sort_keys=True)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    replace_atomically(tmp, path)
