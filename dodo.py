@@ -123,6 +123,8 @@ def task_build():
     """Build the whole split Core ML stack and print what was rebuilt, restored or up to date."""
     def summary():
         from qwen3build.summary import format_table, summary_rows
+        from qwen3build.tasks import finalize_stack
+        finalize_stack(_artifacts())
         ids = [(IO_MODEL, IO_MODEL)] + [(s.package_name, f"shard:{s.name}") for s in PLAN.layout] + [(SAMPLER, SAMPLER)]
         print(format_table(summary_rows(_artifacts().cache, ids)))
         print(f"packages in {PLAN.settings.OUT_DIR}")

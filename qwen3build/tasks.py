@@ -237,3 +237,43 @@ def _write_json_if_changed(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     replace_atomically(tmp, path)
+
+
+STACK_FILE = "stack.json"
+
+
+def finalize_stack(artifacts: Artifacts) -> dict:
+    """Write OUT_DIR/stack.json (what run/verify load) and prune shards of old layouts.
+
+    Pruned packages stay in cache/, so going back to that layout is still a restore.
+    """
+    plan = artifacts.plan
+    out_dir = plan.settings.OUT_DIR
+    current = {spec.package_name for spec in plan.layout}
+    for stale in sorted(out_dir.glob("decoder_shard_*.mlpackage")):
+        name = stale.name[: -len(".mlpackage")]
+        if name not in current:
+            from .cache import remove_path
+            remove_path(stale)
+            remove_path(plan.mil_path(name))
+            log.info("removed %s: not in the current SHARDS layout (still restorable from cache/)", stale.name)
+    tokenizer = plan.settings.CONFIG.with_name("tokenizer.json")
+    keys = {pid: (artifacts.cache.read_state(pid) or {}).get("key")
+            for pid in [IO_MODEL, SAMPLER] + [f"shard:{s.name}" for s in plan.layout]}
+    stack = {
+        "format": 1,
+        "model": plan.config.to_dict(),
+        "checkpoint": str(plan.settings.CONFIG.parent),
+        "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
+        "seq_len": plan.settings.SEQ_LEN,
+        "recipe": plan.settings.RECIPE,
+        "palettize_masks": plan.settings.PALETTIZE_MASKS,
+        "io_model": f"{IO_MODEL}.mlpackage",
+        "sampler": f"{SAMPLER}.mlpackage",
+        "shards": [{"name": s.name, "package": f"{s.package_name}.mlpackage", "first": s.first,
+                    "last": s.last, "role": s.role} for s in plan.layout],
+        "scales": str(plan.scales_path),
+        "keys": keys,
+    }
+    _write_json_if_changed(out_dir / STACK_FILE, stack)
+    return stack
