@@ -53,8 +53,17 @@ def _run(artifact_id):
     return action
 
 
-def _uptodate(artifact_id):
-    return lambda: _artifacts().uptodate(artifact_id)
+class _KeyCheck:
+    """doit uptodate check: the artifact's content key equals the one it was made from."""
+
+    def __init__(self, artifact_id):
+        self.artifact_id = artifact_id
+
+    def __call__(self):
+        return _artifacts().uptodate(self.artifact_id)
+
+    def __repr__(self):
+        return f"content key of {self.artifact_id} (inputs, settings, code, tools)"
 
 
 def _clean(paths):
@@ -68,7 +77,7 @@ def _clean(paths):
 
 
 def _keyed_task(artifact_id, doc, task_dep, outputs):
-    return {"actions": [_run(artifact_id)], "uptodate": [_uptodate(artifact_id)], "task_dep": task_dep,
+    return {"actions": [_run(artifact_id)], "uptodate": [_KeyCheck(artifact_id)], "task_dep": task_dep,
             "targets": [str(p) for p in outputs], "clean": [_clean(outputs)], "doc": doc}
 
 

@@ -95,7 +95,11 @@ class Artifacts:
 
     def uptodate(self, artifact_id: str) -> bool:
         spec = self.spec(artifact_id)
-        return self.cache.is_current(artifact_id, spec.key(), spec.outputs)
+        try:
+            key = spec.key()
+        except (OSError, KeyError, ValueError):  # an input is not built yet (e.g. `doit info` first)
+            return False
+        return self.cache.is_current(artifact_id, key, spec.outputs)
 
     def run(self, artifact_id: str) -> dict:
         spec = self.spec(artifact_id)
