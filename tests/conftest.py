@@ -77,3 +77,11 @@ class DoitWorkspace:
 @pytest.fixture
 def workspace(tmp_path, gqa_checkpoint) -> DoitWorkspace:
     return DoitWorkspace(tmp_path, gqa_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def built_stack(tmp_path_factory, gqa_checkpoint) -> DoitWorkspace:
+    """The gqa checkpoint built once through doit (SEQ_LEN 32), shared read-only."""
+    ws = DoitWorkspace(tmp_path_factory.mktemp("built_gqa"), gqa_checkpoint)
+    ws.doit("build")
+    return ws

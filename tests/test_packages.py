@@ -1,0 +1,102 @@
+"""The saved packages themselves, loaded back from disk: structure, pitfalls, numerics."""
+import json
+
+import numpy as np
+import pytest
+
+from qwen3build.config import parse_layout
+from qwen3build.evaluator import PackageEvaluator, load_function
+from qwen3build.lower import programs, save
+from qwen3build.lower.programs import DenseWeights
+from qwen3build.model_config import load_model_config
+from qwen3build.reference import ReferenceStack
+from qwen3build.weights import Checkpoint, resolve_weight_files
+
+QWEN3_VOCAB = 151_936  # > 65,536: 16-bit indices would wrap
+# Packages compute in fp16, the reference in fp32 on the same fp16 constants.
+PACKAGE_MAX_REL_LOGIT_ERROR = 1e-2
+PACKAGE_MIN_LOGIT_COSINE = 0.999
+TOKENS = 24
+
+
+def op_types(package, function_name=None):
+    return [op.op_type for op in load_function(package, function_name).function.operations]
+
+
+def stack_info(ws):
+    return json.loads((ws.out_dir / "stack.json").read_text())
+
+
+def test_each_shard_reads_and_writes_its_state_once(built_stack):
+    for shard in stack_info(built_stack)["shards"]:
+        types = op_types(built_stack.out_dir / shard["package"])
+        assert types.count("read_state") == 1, shard
+        assert types.count("coreml_update_state") == 1, shard
+
+
+def test_every_layer_is_computed_and_final_norm_only_in_exit(built_stack):
+    for shard in stack_info(built_stack)["shards"]:
+        layers = shard["last"] - shard["first"] + 1
+        types = op_types(built_stack.out_dir / shard["package"])
+        assert types.count("linear") == 7 * layers, shard       # q k v o gate up down
+        norms = 4 * layers + (1 if shard["role"] in ("exit", "entry+exit") else 0)
+        assert types.count("rsqrt") == norms, shard             # input, q, k, post (+ final)
+
+
+def test_io_model_has_embed_and_lm_head(built_stack):
+    package = built_stack.out_dir / "io_model.mlpackage"
+    assert "gather" in op_types(package, "embed")
+    assert "linear" in op_types(package, "lm_head")
+
+
+def test_argmax_index_survives_a_qwen3_sized_vocab(tmp_path):
+    model = save.convert(programs.greedy_sampler_program(QWEN3_VOCAB))
+    save.save_package(model, tmp_path / "sampler.mlpackage")
+    types = op_types(tmp_path / "sampler.mlpackage")
+    assert "cast" not in types, types  # no int16 cast of the index (common::add_int16_cast)
+    logits = np.zeros((1, QWEN3_VOCAB), np.float16)
+    logits[0, 150_000] = 5.0
+    token = PackageEvaluator(tmp_path / "sampler.mlpackage").predict({"logits": logits})["token"]
+    assert int(token[0]) == 150_000
+
+
+def test_builds_are_byte_identical(tmp_path, gqa_checkpoint):
+    config = load_model_config(gqa_checkpoint)
+    checkpoint = Checkpoint(config, *resolve_weight_files(gqa_checkpoint, None, None, ""))
+    spec = parse_layout("preset", config.num_hidden_layers)[1]
+    scales = np.ones((config.num_hidden_layers + 1, 4), np.float32)
+    digests = []
+    for attempt in range(2):
+        model = save.convert(programs.shard_program(checkpoint, DenseWeights(checkpoint), spec, scales, 16, False))
+        save.save_package(model, tmp_path / f"s{attempt}.mlpackage")
+        digests.append(sorted((p.relative_to(tmp_path / f"s{attempt}.mlpackage").as_posix(), p.read_bytes())
+                              for p in (tmp_path / f"s{attempt}.mlpackage").rglob("*") if p.is_file()))
+    assert digests[0] == digests[1]
+
+
+def test_saved_chain_matches_the_reference(built_stack, gqa_checkpoint):
+    info = stack_info(built_stack)
+    out = built_stack.out_dir
+    embed = PackageEvaluator(out / "io_model.mlpackage", "embed")
+    head = PackageEvaluator(out / "io_model.mlpackage", "lm_head")
+    sampler = PackageEvaluator(out / "sampler_model.mlpackage")
+    shards = [PackageEvaluator(out / s["package"]) for s in info["shards"]]
+    states = [s.new_state() for s in shards]
+    config = load_model_config(gqa_checkpoint)
+    checkpoint = Checkpoint(config, *resolve_weight_files(gqa_checkpoint, None, None, ""))
+    reference = ReferenceStack(checkpoint, DenseWeights(checkpoint), parse_layout("preset", config.num_hidden_layers),
+                               np.load(info["scales"]), info["seq_len"])
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, TOKENS)
+    for position, token in enumerate(tokens):
+        hidden = embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
+        for shard, state in zip(shards, states):
+            hidden = shard.predict({"hidden_states": hidden, "position": np.array([position], np.int32)},
+                                   state)["output_hidden_states"]
+        logits = head.predict({"hidden_states": hidden})["logits"][0].astype(np.float32)
+        expected = reference.step(int(token), position)
+        rel = np.abs(logits - expected).max() / np.abs(expected).max()
+        cosine = logits @ expected / np.linalg.norm(logits) / np.linalg.norm(expected)
+        assert rel < PACKAGE_MAX_REL_LOGIT_ERROR, (position, rel)
+        assert cosine > PACKAGE_MIN_LOGIT_COSINE, (position, cosine)
+        token_out = sampler.predict({"logits": logits[None].astype(np.float16)})["token"]
+        assert int(token_out[0]) == int(np.argmax(logits.astype(np.float16)))
