@@ -81,7 +81,8 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
     """Merge defaults < environment < overrides (doit vars), resolve paths, validate."""
     environ = os.environ if environ is None else environ
     with open(defaults_file, "rb") as handle:
-        raw = tomllib.load(handle)
+        # Tables ([verify.fp16], ...) belong to other readers; settings are the flat keys.
+        raw = {k: v for k, v in tomllib.load(handle).items() if not isinstance(v, dict)}
     unknown = sorted(set(raw) - set(SETTING_KEYS))
     if unknown:
         raise BuildError(f"{defaults_file.name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(SETTING_KEYS)}")

@@ -35,6 +35,15 @@ class ArtifactSpec:
     build: Callable[[list[Path]], dict | None]
 
 
+def weights_provider(plan: Plan):
+    """The projection weights as the packages hold them (fp16 now; quantized packs later).
+
+    Both the MIL lowering and the torch reference take their projections from here, so
+    the reference always computes with exactly the packed values."""
+    from .lower.programs import DenseWeights
+    return DenseWeights(plan.checkpoint)
+
+
 class Artifacts:
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -163,7 +172,7 @@ class Artifacts:
             from .lower import programs, save
             started = time.perf_counter()
             log.info("%s: layers %d-%d (%s), SEQ_LEN %d", package, spec.first, spec.last, spec.role, settings.SEQ_LEN)
-            program = programs.shard_program(plan.checkpoint, programs.DenseWeights(plan.checkpoint), spec,
+            program = programs.shard_program(plan.checkpoint, weights_provider(plan), spec,
                                              self.scales(), settings.SEQ_LEN, settings.PALETTIZE_MASKS)
             model = save.convert(program, {"package": package, "role": spec.role, "layers": f"{spec.first}-{spec.last}",
                                            "seq_len": settings.SEQ_LEN, "compute_units": "CPU_AND_NE",
