@@ -18,6 +18,7 @@ from .weights import Checkpoint, resolve_weight_files
 log = logging.getLogger(__name__)
 
 IO_MODEL = "io_model"
+BUILT_RECIPES = ("fp16",)
 SAMPLER = "sampler_model"
 
 
@@ -85,6 +86,8 @@ def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Pla
     if settings.SEQ_LEN > config.max_position_embeddings:
         raise BuildError(f"SEQ_LEN={settings.SEQ_LEN} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}; choose SEQ_LEN <= {config.max_position_embeddings}")
+    if settings.RECIPE not in BUILT_RECIPES:
+        raise BuildError(f"RECIPE={settings.RECIPE} is not built yet; available: {', '.join(BUILT_RECIPES)}")
     files, index = resolve_weight_files(settings.CONFIG, settings.WEIGHTS, settings.WEIGHTS_INDEX, settings.WEIGHTS_GLOB)
     for spec in layout:
         if len(spec.layers) > ANE_MAX_LAYERS_PER_SHARD:

@@ -128,3 +128,8 @@ def test_doit_list_info_and_clean(workspace):
     workspace.doit("build", SEQ_LEN=SEQ_A)
     workspace.doit("clean")
     assert not list(workspace.out_dir.glob("*.mlpackage"))
+
+
+def test_unbuilt_recipe_is_refused_not_ignored(workspace):
+    result = workspace.doit("build", check=False, RECIPE="lut8")
+    assert result.returncode != 0 and "RECIPE=lut8" in result.stderr
