@@ -11,9 +11,10 @@ The codebook is the optimal k-means codebook, computed exactly, not by Lloyd:
 1. Values are clustered as fp16 numbers, like coremltools does (its exact path only
    runs on fp16 weights). Weights from bf16 / fp16 checkpoints are fp16-exact except
    for bf16 values below 2**-17, whose fp16 rounding error is below 4e-8.
-2. An fp16 number is a 16-bit key, so one `np.bincount` over (group, key) gives every
-   group's distinct values with their counts in O(n), with no sort. A group of 128 rows
-   of a bf16 checkpoint holds about 3,000 distinct values for 262,144 weights.
+2. An fp16 number is a 16-bit pattern, so one `np.bincount` over (group, pattern) gives
+   every group's distinct values with their counts in O(n), with no sort (the 65,536
+   columns are then permuted into value order). A group of 128 rows of a bf16
+   checkpoint holds about 3,000 distinct values for 262,144 weights.
 3. 1-D k-means on sorted weighted points is a shortest k-link path problem whose cost
    matrix is Monge, so its optimum comes from a dynamic program over prefixes:
        D[l][j] = min_{i<j} D[l-1][i] + cost(i, j)
@@ -45,7 +46,7 @@ DEFAULT_GROUP_SIZE = 128
 _FP16_KEYS = 1 << 16
 # Groups clustered together: bounds the histogram (groups x 65536 bins) and the
 # backtracking table (2**bits x groups x distinct values) to a few hundred MB.
-_GROUPS_PER_CHUNK = 32
+_GROUPS_PER_CHUNK = 64
 # A cluster made only of zero-weight padding has no mean: divide by at least this.
 _TINY_WEIGHT = 1e-300
 
@@ -175,11 +176,11 @@ def fit_grouped_lut(
         raise ValueError(
             f"weight {list(weight.shape)} has values beyond fp16 range (|w| > 65504)"
         )
-    keys = _ordered_fp16_keys(values16)  # (out, in) uint16, ascending with value
+    keys = values16.view(np.uint16)  # (out, in) raw fp16 bit patterns
 
     num_groups = out_features // group_size
     lut = np.empty((num_groups, 1 << bits), np.float16)
-    label_tables = np.empty((num_groups, _FP16_KEYS), np.uint8)
+    indices = np.empty((num_groups, group_size * in_features), np.uint8)  # (G, group_size*in)
     group_keys = keys.reshape(num_groups, group_size * in_features)  # (G, group_size*in)
     group_elem_weight = (
         None
@@ -188,32 +189,28 @@ def fit_grouped_lut(
     )
     for start in range(0, num_groups, _GROUPS_PER_CHUNK):
         stop = min(start + _GROUPS_PER_CHUNK, num_groups)
-        lut[start:stop], label_tables[start:stop] = _fit_chunk(
+        lut[start:stop], label_tables = _fit_chunk(
             group_keys[start:stop],
             None if group_elem_weight is None else group_elem_weight[start:stop],
             bits,
         )
-
-    group_of_row = np.arange(out_features) // group_size
-    flat_table = label_tables.reshape(-1)
-    flat_key = keys.astype(np.intp) + (group_of_row * _FP16_KEYS)[:, None]  # (out, in)
-    indices = flat_table[flat_key]
+        for group in range(start, stop):  # element -> label, through its bit pattern
+            indices[group] = label_tables[group - start][group_keys[group]]
+    indices = indices.reshape(out_features, in_features)
+    log.debug("grouped LUT %s bits=%d group=%d scale=%s", list(weight.shape), bits, group_size,
+              per_channel_scale)
     return LutPack(indices=indices, lut=lut, row_scale=row_scale, bits=bits, group_size=group_size)
 
 
-def _ordered_fp16_keys(values16: np.ndarray) -> np.ndarray:
-    """Map fp16 bit patterns to uint16 keys whose integer order is the float order."""
-    raw = values16.view(np.uint16)
-    negative = (raw & 0x8000).astype(bool)
-    # Negative floats: flip all bits (larger magnitude -> smaller key); positive: set sign.
-    return np.where(negative, ~raw, raw | 0x8000).astype(np.uint16)
+def _fp16_value_order() -> np.ndarray:
+    """The finite fp16 bit patterns, sorted by the value they encode (NaN / inf left out)."""
+    patterns = np.arange(_FP16_KEYS, dtype=np.uint32).astype(np.uint16)
+    values = patterns.view(np.float16)
+    finite = np.flatnonzero(np.isfinite(values))
+    return finite[np.argsort(values[finite], kind="stable")]
 
 
-def _keys_to_fp16(keys: np.ndarray) -> np.ndarray:
-    keys = keys.astype(np.uint16)
-    positive = (keys & 0x8000).astype(bool)
-    raw = np.where(positive, keys & 0x7FFF, ~keys).astype(np.uint16)
-    return raw.view(np.float16)
+_VALUE_ORDER = _fp16_value_order()  # (63488,) raw bit patterns in ascending value order
 
 
 def _fit_chunk(group_keys: np.ndarray, group_elem_weight: np.ndarray | None, bits: int):
@@ -224,14 +221,15 @@ def _fit_chunk(group_keys: np.ndarray, group_elem_weight: np.ndarray | None, bit
         flat_key.reshape(-1),
         weights=None if group_elem_weight is None else group_elem_weight.reshape(-1),
         minlength=num_groups * _FP16_KEYS,
-    ).reshape(num_groups, _FP16_KEYS)  # (C, 65536) count (or weight) per fp16 value
+    ).reshape(num_groups, _FP16_KEYS)  # (C, 65536) count (or weight) per bit pattern
+    histogram = histogram[:, _VALUE_ORDER]  # (C, V) columns now in ascending value order
     present = histogram > 0
     distinct = present.sum(axis=1)  # (C,)
     num_points = int(distinct.max())
 
     # Padded sorted point lists: (C, M). Padding repeats the last value with weight 0.
     group_idx, key_idx = np.nonzero(present)  # sorted by group, then key (= value)
-    rank = np.cumsum(present, axis=1) - 1  # (C, 65536) position of each key among present ones
+    rank = np.cumsum(present, axis=1) - 1  # (C, V) position of each key among present ones
     position = rank[group_idx, key_idx]
     point_key = np.empty((num_groups, num_points), np.int64)
     point_weight = np.zeros((num_groups, num_points), np.float64)
@@ -240,7 +238,7 @@ def _fit_chunk(group_keys: np.ndarray, group_elem_weight: np.ndarray | None, bit
     pad = np.arange(num_points)[None, :] >= distinct[:, None]
     last_key = point_key[np.arange(num_groups), distinct - 1]
     point_key = np.where(pad, last_key[:, None], point_key)
-    point_value = _keys_to_fp16(point_key).astype(np.float64)  # (C, M) ascending
+    point_value = _VALUE_ORDER[point_key].astype(np.uint16).view(np.float16).astype(np.float64)
 
     num_clusters = min(1 << bits, num_points)
     if num_clusters == num_points:
@@ -254,8 +252,8 @@ def _fit_chunk(group_keys: np.ndarray, group_elem_weight: np.ndarray | None, bit
     lut[:, num_clusters:] = lut[:, num_clusters - 1 : num_clusters]  # unused entries
 
     labels = _nearest_entry(point_value, lut)  # (C, M) uint8
-    label_table = np.zeros((num_groups, _FP16_KEYS), np.uint8)
-    label_table[group_idx, key_idx] = labels[group_idx, position]
+    label_table = np.zeros((num_groups, _FP16_KEYS), np.uint8)  # by raw bit pattern
+    label_table[group_idx, _VALUE_ORDER[key_idx]] = labels[group_idx, position]
     return lut, label_table
 
 
@@ -313,31 +311,26 @@ def optimal_partition(values: np.ndarray, weights: np.ndarray, num_clusters: int
     np.cumsum(weights, axis=1, out=prefix_w[:, 1:])
     np.cumsum(weights * centered, axis=1, out=prefix_s1[:, 1:])
     np.cumsum(weights * centered * centered, axis=1, out=prefix_s2[:, 1:])
-    flat_w, flat_s1, flat_s2 = prefix_w.reshape(-1), prefix_s1.reshape(-1), prefix_s2.reshape(-1)
-
-    def cost(flat_i, flat_j):
-        """Weighted SSE of points i..j-1 (flat indices into the (C, M+1) prefix arrays)."""
-        dw = flat_w[flat_j] - flat_w[flat_i]
-        ds = flat_s1[flat_j] - flat_s1[flat_i]
-        return (flat_s2[flat_j] - flat_s2[flat_i]) - ds * ds / np.maximum(dw, _TINY_WEIGHT)
+    flat_w, flat_s1 = prefix_w.reshape(-1), prefix_s1.reshape(-1)
 
     index_dtype = np.int16 if stride < np.iinfo(np.int16).max else np.int32
     # opt[l][g, j]: start of the last cluster when prefix j holds l+1 clusters.
     opt = np.zeros((k, num_groups, stride), index_dtype)
-    row_base = np.arange(num_groups) * stride
-    j_all = np.arange(stride)
-    cost_prev = cost(np.repeat(row_base, stride), (row_base[:, None] + j_all).reshape(-1))
-    cost_prev = cost_prev.reshape(num_groups, stride)  # D for one cluster
+    row_base = np.arange(num_groups) * stride  # flat offset of each group's prefix row
+    # D for one cluster: the SSE of the whole prefix.
+    cost_prev = prefix_s2 - prefix_s1**2 / np.maximum(prefix_w, _TINY_WEIGHT)
 
     for layer in range(1, k):
-        # This layer places cluster number layer+1; prefix j needs j >= layer+1 points and
-        # must leave k-layer-1 points for the clusters after it.
+        # This layer places cluster number layer+1: prefix j needs j >= layer+1 points
+        # and must leave k-layer-1 points for the clusters after it.
         j_lo, j_hi = layer + 1, num_points - (k - layer - 1)
         if layer == k - 1:
             j_lo = j_hi = num_points  # the last layer only needs the full prefix
+        # D[j] = min_i D_prev[i] + S2[j] - S2[i] - (S1[j]-S1[i])^2 / (W[j]-W[i]).
+        # S2[j] does not depend on i: minimize E[i] - ds^2/dw and add S2[j] afterwards.
+        flat_e = (cost_prev - prefix_s2).reshape(-1)
         lower = opt[layer - 1]  # Knuth: opt[layer][j] >= opt[layer-1][j]
         cost_next = np.full((num_groups, stride), np.inf)
-        flat_prev = cost_prev.reshape(-1)
 
         node_g = np.arange(num_groups)
         node_jlo = np.full(num_groups, j_lo)
@@ -345,22 +338,30 @@ def optimal_partition(values: np.ndarray, weights: np.ndarray, num_clusters: int
         node_olo = np.full(num_groups, layer)
         node_ohi = np.full(num_groups, j_hi - 1)
         while node_g.size:
+            # One divide-and-conquer level for every node of every group at once: solve
+            # the middle j of each node over its candidate range, as one ragged batch.
             mid = (node_jlo + node_jhi) >> 1
-            cand_lo = np.maximum(node_olo, lower[node_g, mid])
             cand_hi = np.minimum(node_ohi, mid - 1)
+            cand_lo = np.minimum(np.maximum(node_olo, lower[node_g, mid]), cand_hi)
             count = cand_hi - cand_lo + 1
             seg_start = np.cumsum(count) - count
-            total = int(count.sum())
-            cand = np.arange(total) + np.repeat(cand_lo - seg_start, count)
-            base = np.repeat(row_base[node_g], count)
-            flat_i = base + cand
-            flat_j = base + np.repeat(mid, count)
-            value = flat_prev[flat_i] + cost(flat_i, flat_j)
+            total = int(seg_start[-1] + count[-1])
+            flat_mid = row_base[node_g] + mid
+            flat_i = np.arange(total) + np.repeat(row_base[node_g] + cand_lo - seg_start, count)
+            dw = np.repeat(flat_w[flat_mid], count)
+            dw -= flat_w.take(flat_i)
+            ds = np.repeat(flat_s1[flat_mid], count)
+            ds -= flat_s1.take(flat_i)
+            np.maximum(dw, _TINY_WEIGHT, out=dw)
+            ds *= ds
+            ds /= dw
+            value = flat_e.take(flat_i)
+            value -= ds
             best = np.minimum.reduceat(value, seg_start)
-            # First (leftmost) argmin of each segment.
-            position = np.where(value == np.repeat(best, count), np.arange(total), total)
-            best_at = cand[np.minimum.reduceat(position, seg_start)]
-            cost_next[node_g, mid] = best
+            # Leftmost argmin of each segment: first position equal to the segment's min.
+            hits = np.flatnonzero(value == np.repeat(best, count))
+            best_at = flat_i[hits[np.searchsorted(hits, seg_start)]] - row_base[node_g]
+            cost_next[node_g, mid] = best + prefix_s2[node_g, mid]
             opt[layer][node_g, mid] = best_at
 
             go_left = mid > node_jlo
