@@ -10,7 +10,7 @@ dtype) and the limits.
 """
 
 from .engine import PackageEvaluator
-from .loader import LoadedFunction, load_function
+from .loader import LoadedFunction, PackageInterface, load_function, read_interface
 from .ops import KERNELS
 
-__all__ = ["PackageEvaluator", "LoadedFunction", "load_function", "KERNELS"]
+__all__ = ["PackageEvaluator", "LoadedFunction", "PackageInterface", "load_function", "read_interface", "KERNELS"]

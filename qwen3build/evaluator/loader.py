@@ -108,21 +108,57 @@ def _function_description(spec, function_name: str | None, package_path: Path):
     return name, by_name[name]
 
 
-def load_function(package_path: str | os.PathLike, function_name: str | None = None) -> LoadedFunction:
-    """Read `package_path` (.mlpackage) from disk and load one function into MIL."""
-    import coremltools as ct
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+@dataclasses.dataclass(frozen=True)
+class PackageInterface:
+    """The declared interface of one function of a saved package (read from its spec)."""
 
-    package_path = Path(package_path)
+    package_path: Path
+    function_name: str
+    specification_version: int
+    inputs: Interface
+    outputs: Interface
+    states: Interface
+
+
+def _read_spec(package_path: Path):
+    import coremltools as ct
+
     if not package_path.is_dir():
         raise FileNotFoundError(f"{package_path}: not an .mlpackage directory")
-
     spec = ct.models.MLModel(str(package_path), skip_model_load=True).get_spec()
     if spec.WhichOneof("Type") != "mlProgram":
         raise NotImplementedError(
             f"{package_path}: model type is {spec.WhichOneof('Type')}; only ML Programs are supported"
         )
+    return spec
+
+
+def _interface(spec, package_path: Path, function_name: str | None) -> PackageInterface:
     name, description = _function_description(spec, function_name, package_path)
+    return PackageInterface(
+        package_path=package_path,
+        function_name=name,
+        specification_version=spec.specificationVersion,
+        inputs=_feature_interface(description.input, package_path, "input"),
+        outputs=_feature_interface(description.output, package_path, "output"),
+        states=_feature_interface(description.state, package_path, "state"),
+    )
+
+
+def read_interface(package_path: str | os.PathLike, function_name: str | None = None) -> PackageInterface:
+    """The declared inputs / outputs / states of one function, without loading the program."""
+    package_path = Path(package_path)
+    return _interface(_read_spec(package_path), package_path, function_name)
+
+
+def load_function(package_path: str | os.PathLike, function_name: str | None = None) -> LoadedFunction:
+    """Read `package_path` (.mlpackage) from disk and load one function into MIL."""
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
+
+    package_path = Path(package_path)
+    spec = _read_spec(package_path)
+    interface = _interface(spec, package_path, function_name)
+    name = interface.function_name
 
     program = milproto_load(
         spec,
@@ -139,9 +175,9 @@ def load_function(package_path: str | os.PathLike, function_name: str | None = N
         function_name=name,
         function=program.functions[name],
         specification_version=spec.specificationVersion,
-        inputs=_feature_interface(description.input, package_path, "input"),
-        outputs=_feature_interface(description.output, package_path, "output"),
-        states=_feature_interface(description.state, package_path, "state"),
+        inputs=interface.inputs,
+        outputs=interface.outputs,
+        states=interface.states,
     )
     logger.info(
         "loaded %s:%s (spec v%d, %d ops, inputs %s, states %s)",
