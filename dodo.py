@@ -98,14 +98,26 @@ def task_slanc():
     return _keyed_task("slanc", task_slanc.__doc__, ["weights"], [PLAN.scales_path])
 
 
+def _quant_ids():
+    ids = [f"quant:layer{layer:02d}" for layer in PLAN.quantized_layers()]
+    return ids + (["quant:embed"] if PLAN.recipe.embed_bits else [])
+
+
 def task_quant():
-    """Quantization packs per layer (none for RECIPE=fp16: weights ship as fp16)."""
-    return {"actions": None, "task_dep": ["weights"], "doc": task_quant.__doc__}
+    """Quantization packs of the RECIPE: quant:layerNN (GS128 LUT) and quant:embed (blockwise)."""
+    yield {"name": None, "doc": f"quantization packs of RECIPE={PLAN.recipe.name} (fp16 recipe: none)"}
+    for artifact_id in _quant_ids():
+        name = artifact_id.split(":", 1)[1]
+        outputs = [PLAN.quant_dir / name]
+        doc = ("blockwise embedding/head packs" if name == "embed"
+               else f"LUT packs of layer {int(name[5:])}: " + ", ".join(
+                   f"{k} {b}b" for k, b in PLAN.recipe.layer_allocation(int(name[5:]), PLAN.config.num_hidden_layers).items() if b))
+        yield {"name": name, **_keyed_task(artifact_id, doc, ["weights"], outputs)}
 
 
 def task_io_model():
     """io_model.mlpackage: token embedding and LM head (functions embed, lm_head)."""
-    return _keyed_task(IO_MODEL, task_io_model.__doc__, ["weights", "quant"],
+    return _keyed_task(IO_MODEL, task_io_model.__doc__, ["weights"] + [i for i in _quant_ids() if i == "quant:embed"],
                        [PLAN.package_path(IO_MODEL), PLAN.mil_path(IO_MODEL)])
 
 
@@ -114,7 +126,8 @@ def task_shard():
     for spec in PLAN.layout:
         outputs = [PLAN.package_path(spec.package_name), PLAN.mil_path(spec.package_name)]
         doc = f"{spec.package_name}.mlpackage: layers {spec.first}-{spec.last} ({spec.role}) with KV state"
-        task = _keyed_task(f"shard:{spec.name}", doc, ["weights", "slanc", "quant"], outputs)
+        packs = [f"quant:layer{layer:02d}" for layer in PLAN.quantized_layers(spec.layers)]
+        task = _keyed_task(f"shard:{spec.name}", doc, ["weights", "slanc", *packs], outputs)
         yield {"name": spec.name, **task}
 
 

@@ -20,10 +20,9 @@ DEFAULTS_FILE = REPO_ROOT / "qwen3build.toml"
 MAX_SEQ_LEN = 32768
 # ANE compile stability ceiling seen in the field (DESIGN section 4): warn above it.
 ANE_MAX_LAYERS_PER_SHARD = 15
-RECIPES = ("fp16", "lut8", "lut6-4", "default")
 
 PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
-             "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR")
+             "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")
 SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "RECIPE")
 
 
@@ -44,6 +43,7 @@ class Settings:
     SHARDS: str
     PALETTIZE_MASKS: bool
     RECIPE: str
+    RECIPE_FILE: Path
 
     @property
     def artifacts_dir(self) -> Path:
@@ -82,7 +82,9 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
     environ = os.environ if environ is None else environ
     with open(defaults_file, "rb") as handle:
         # Tables ([verify.fp16], ...) belong to other readers; settings are the flat keys.
-        raw = {k: v for k, v in tomllib.load(handle).items() if not isinstance(v, dict)}
+        full = tomllib.load(handle)
+    raw = {k: v for k, v in full.items() if not isinstance(v, dict)}
+    recipes = tuple(full.get("recipes", {}))
     unknown = sorted(set(raw) - set(SETTING_KEYS))
     if unknown:
         raise BuildError(f"{defaults_file.name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
@@ -99,9 +101,16 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         text = str(raw.get(key, "") or "").strip()
         return (base / text).resolve() if text else None
 
+    recipe_file = path_or_none("RECIPE_FILE") or defaults_file
+    if recipe_file != defaults_file:
+        try:
+            with open(recipe_file, "rb") as handle:
+                recipes = tuple(tomllib.load(handle).get("recipes", {}))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise BuildError(f"RECIPE_FILE={recipe_file}: cannot read ({exc}); give a TOML file with [recipes.<name>] tables") from None
     recipe = str(raw.get("RECIPE", "fp16")).strip()
-    if recipe not in RECIPES:
-        raise BuildError(f"RECIPE={recipe!r} is unknown; allowed: {', '.join(RECIPES)}")
+    if recipe not in recipes:
+        raise BuildError(f"RECIPE={recipe!r} is unknown; recipes in {recipe_file.name}: {', '.join(recipes) or 'none'}")
     settings = Settings(
         CONFIG=path_or_none("CONFIG") or (base / "assets/qwen3-tiny/config.json"),
         WEIGHTS=path_or_none("WEIGHTS"),
@@ -118,6 +127,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         SHARDS=str(raw.get("SHARDS", "preset") or "preset").strip(),
         PALETTIZE_MASKS=_parse_bool("PALETTIZE_MASKS", raw.get("PALETTIZE_MASKS", False)),
         RECIPE=recipe,
+        RECIPE_FILE=recipe_file,
     )
     if not settings.CONFIG.is_file():
         raise BuildError(f"CONFIG={settings.CONFIG} does not exist: point CONFIG at a Hugging Face config.json")

@@ -13,12 +13,12 @@ from pathlib import Path
 from .config import ANE_MAX_LAYERS_PER_SHARD, Settings, ShardSpec, load_settings, parse_layout
 from .errors import BuildError
 from .model_config import ModelConfig, load_model_config
+from .recipes import Recipe, load_recipe
 from .weights import Checkpoint, resolve_weight_files
 
 log = logging.getLogger(__name__)
 
 IO_MODEL = "io_model"
-BUILT_RECIPES = ("fp16",)
 SAMPLER = "sampler_model"
 
 
@@ -29,6 +29,7 @@ class Plan:
     layout: tuple[ShardSpec, ...]
     weight_files: tuple[Path, ...]
     weight_index: Path | None
+    recipe: Recipe
 
     # -- paths ----------------------------------------------------------------
     @property
@@ -42,6 +43,16 @@ class Plan:
     @property
     def scales_path(self) -> Path:
         return self.artifacts / "numerics" / "slanc_scales.npy"
+
+    @property
+    def quant_dir(self) -> Path:
+        return self.artifacts / "quant"
+
+    def quantized_layers(self, layers=None) -> list[int]:
+        """Layers with at least one quantized projection under the recipe."""
+        depth = self.config.num_hidden_layers
+        layers = range(depth) if layers is None else layers
+        return [l for l in layers if any(self.recipe.layer_allocation(l, depth).values())]
 
     @property
     def state_dir(self) -> Path:
@@ -86,11 +97,14 @@ def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Pla
     if settings.SEQ_LEN > config.max_position_embeddings:
         raise BuildError(f"SEQ_LEN={settings.SEQ_LEN} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}; choose SEQ_LEN <= {config.max_position_embeddings}")
-    if settings.RECIPE not in BUILT_RECIPES:
-        raise BuildError(f"RECIPE={settings.RECIPE} is not built yet; available: {', '.join(BUILT_RECIPES)}")
+    recipe = load_recipe(settings.RECIPE, settings.RECIPE_FILE)
     files, index = resolve_weight_files(settings.CONFIG, settings.WEIGHTS, settings.WEIGHTS_INDEX, settings.WEIGHTS_GLOB)
     for spec in layout:
         if len(spec.layers) > ANE_MAX_LAYERS_PER_SHARD:
             log.warning("shard %s has %d layers: above ~%d layers per chunk the ANE compiler has been seen to fail",
                         spec.name, len(spec.layers), ANE_MAX_LAYERS_PER_SHARD)
-    return Plan(settings, config, layout, tuple(files), index)
+    if settings.LUT_DIR is not None and not settings.LUT_DIR.is_dir():
+        raise BuildError(f"LUT_DIR={settings.LUT_DIR} is not a directory of layerNN/<kind>.npz packs (docs/quantization.md)")
+    if settings.OMNIQ_DIR is not None and not settings.OMNIQ_DIR.is_dir():
+        raise BuildError(f"OMNIQ_DIR={settings.OMNIQ_DIR} is not a directory of embed_tokens.npz / lm_head.npz packs")
+    return Plan(settings, config, layout, tuple(files), index, recipe)

@@ -15,7 +15,7 @@ def _size(num_bytes) -> str:
         num_bytes /= 1024
 
 
-def summary_rows(cache: ActionCache, artifact_ids: list[tuple[str, str]]) -> list[tuple[str, str, str, str]]:
+def summary_rows(cache: ActionCache, artifact_ids: list[tuple[str, str]]) -> list[tuple]:
     run_id = os.environ.get(RUN_ID_ENV, "")
     rows = []
     for label, artifact_id in artifact_ids:
@@ -26,12 +26,13 @@ def summary_rows(cache: ActionCache, artifact_ids: list[tuple[str, str]]) -> lis
             status, seconds = state["status"], f"{state['seconds']:.2f}s"
         else:
             status, seconds = "up to date", "-"
-        rows.append((label, status, seconds, _size(state.get("bytes"))))
+        bpw = f"{state['bpw']:.2f}" if state.get("bpw") is not None else "-"
+        rows.append((label, status, seconds, _size(state.get("bytes")), bpw))
     return rows
 
 
 def format_table(rows) -> str:
-    header = ("package", "status", "time", "size")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    header = ("package", "status", "time", "size", "bits/weight")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])

@@ -36,12 +36,12 @@ class ArtifactSpec:
 
 
 def weights_provider(plan: Plan):
-    """The projection weights as the packages hold them (fp16 now; quantized packs later).
+    """The weights as the packages hold them: fp16, or the recipe's quantization packs.
 
-    Both the MIL lowering and the torch reference take their projections from here, so
-    the reference always computes with exactly the packed values."""
-    from .lower.programs import DenseWeights
-    return DenseWeights(plan.checkpoint)
+    Both the MIL lowering and the torch reference take their weights from here, so the
+    reference always computes with exactly the packed values."""
+    from .quantize import RecipeWeights
+    return RecipeWeights(plan.checkpoint, plan.recipe, plan.quant_dir)
 
 
 class Artifacts:
@@ -94,6 +94,8 @@ class Artifacts:
         kind, _, name = artifact_id.partition(":")
         if kind == "slanc":
             return self._slanc()
+        if kind == "quant":
+            return self._quant(name)
         if kind == "shard":
             return self._shard(name)
         if kind == IO_MODEL:
@@ -116,6 +118,48 @@ class Artifacts:
         if self.cache.is_current(artifact_id, key, spec.outputs):
             return self.cache.read_state(artifact_id)
         return self.cache.run(artifact_id, key, spec.outputs, spec.build)
+
+    def _current_key(self, artifact_id: str) -> str:
+        """The key an upstream artifact has now (its outputs are what we read)."""
+        return self.spec(artifact_id).key()
+
+    # -- quantization packs: quant:layerNN (projections) and quant:embed
+    def _quant(self, name: str) -> ArtifactSpec:
+        plan = self.plan
+        recipe = plan.recipe
+        from .quantize import embed_pack_names, layer_dir, make_embed_packs, make_layer_packs
+        if name == "embed":
+            external = plan.settings.OMNIQ_DIR
+            out = plan.quant_dir / "embed"
+            names = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in self.manifest()["tensors"]]
+
+            def key():
+                files = {f: digest_bytes((external / f"{f}.npz").read_bytes()) if external else None
+                         for f in embed_pack_names(plan.config.tie_word_embeddings)}
+                return action_key("quant-embed", code=("qwen3build.quantize",),
+                                  settings={"bits": recipe.embed_bits, "block": recipe.embed_block_size},
+                                  tensors={} if external else self.tensor_digests(names), inputs={"external": files})
+
+            def build(outputs):
+                return {"packs": make_embed_packs(plan.checkpoint, recipe, outputs[0], external)}
+            return ArtifactSpec([out], key, build)
+
+        layer = int(name.removeprefix("layer"))
+        external = plan.settings.LUT_DIR
+        allocation = recipe.layer_allocation(layer, plan.config.num_hidden_layers)
+        kinds = [kind for kind, bits in allocation.items() if bits]
+
+        def key():
+            files = {k: digest_bytes((layer_dir(external, layer) / f"{k}.npz").read_bytes()) if external else None
+                     for k in kinds}
+            return action_key("quant-layer", code=("qwen3build.quantize",),
+                              settings={"bits": allocation, "group_size": recipe.group_size},
+                              tensors={} if external else self.tensor_digests([layer_tensor_name(layer, k) for k in kinds]),
+                              inputs={"external": files})
+
+        def build(outputs):
+            return {"packs": make_layer_packs(plan.checkpoint, recipe, layer, outputs[0], external)}
+        return ArtifactSpec([layer_dir(plan.quant_dir, layer)], key, build)
 
     # -- SLaNC scales
     def _slanc(self) -> ArtifactSpec:
@@ -163,24 +207,35 @@ class Artifacts:
             scales = self.scales()
             rows = scales[list(spec.layers)].tolist() + ([scales[-1].tolist()] if spec.is_exit else [])
             model = {f: getattr(plan.config, f) for f in SHARD_CONFIG_FIELDS}
-            return action_key("shard", code=("qwen3build.lower.programs", "qwen3build.lower.save"),
+            depth = plan.config.num_hidden_layers
+            bits = {layer: plan.recipe.layer_allocation(layer, depth) for layer in spec.layers}
+            packs = {layer: self._current_key(f"quant:layer{layer:02d}") for layer in plan.quantized_layers(spec.layers)}
+            return action_key("shard", code=("qwen3build.lower.programs", "qwen3build.lower.save", "qwen3build.quantize"),
                               settings={"SEQ_LEN": settings.SEQ_LEN, "PALETTIZE_MASKS": settings.PALETTIZE_MASKS,
-                                        "RECIPE": settings.RECIPE, "shard": dataclasses.asdict(spec), "model": model},
-                              tensors=self.tensor_digests(names), inputs={"scales": rows})
+                                        "bits": bits, "group_size": plan.recipe.group_size,
+                                        "shard": dataclasses.asdict(spec), "model": model},
+                              tensors=self.tensor_digests(names), inputs={"scales": rows, "packs": packs})
 
         def build(outputs):
             from .lower import programs, save
             started = time.perf_counter()
             log.info("%s: layers %d-%d (%s), SEQ_LEN %d", package, spec.first, spec.last, spec.role, settings.SEQ_LEN)
-            program = programs.shard_program(plan.checkpoint, weights_provider(plan), spec,
-                                             self.scales(), settings.SEQ_LEN, settings.PALETTIZE_MASKS)
+            weights = weights_provider(plan)
+            savings: dict = {}
+            program = programs.shard_program(plan.checkpoint, weights, spec, self.scales(), settings.SEQ_LEN,
+                                             settings.PALETTIZE_MASKS, savings)
             model = save.convert(program, {"package": package, "role": spec.role, "layers": f"{spec.first}-{spec.last}",
                                            "seq_len": settings.SEQ_LEN, "compute_units": "CPU_AND_NE",
                                            "recipe": settings.RECIPE})
             save.save_package(model, outputs[0])
             outputs[1].write_text(save.mil_text(model))
-            log.info("%s: built in %.1fs", package, time.perf_counter() - started)
-            return {"layers": len(spec.layers), "role": spec.role}
+            bpw = weights.projection_bits(spec.layers)
+            if savings:
+                log.info("%s: palettized tables saved %.1f MB (%s)", package, sum(savings.values()) / 1e6,
+                         ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in savings.items()))
+            log.info("%s: built in %.1fs, %.2f bits per projection weight", package, time.perf_counter() - started, bpw)
+            return {"layers": len(spec.layers), "role": spec.role, "bpw": round(bpw, 3),
+                    "table_bytes_saved": sum(savings.values())}
 
         return ArtifactSpec([plan.package_path(package), plan.mil_path(package)], key, build)
 
@@ -191,24 +246,23 @@ class Artifacts:
 
         def key():
             names = ["model.embed_tokens.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-            return action_key("io_model", code=("qwen3build.lower.programs", "qwen3build.lower.save"),
-                              settings={"RECIPE": plan.settings.RECIPE, "vocab_size": config.vocab_size,
+            packs = self._current_key("quant:embed") if plan.recipe.embed_bits else None
+            return action_key("io_model", code=("qwen3build.lower.programs", "qwen3build.lower.save", "qwen3build.quantize"),
+                              settings={"embed_bits": plan.recipe.embed_bits, "vocab_size": config.vocab_size,
                                         "hidden_size": config.hidden_size, "tied": config.tie_word_embeddings},
-                              tensors=self.tensor_digests(names))
+                              tensors=self.tensor_digests(names), inputs={"packs": packs})
 
         def build(outputs):
             from .lower import programs, save
-            checkpoint = plan.checkpoint
-            table = programs.fp16_array(checkpoint.tensor("model.embed_tokens.weight"), "embed_tokens")
+            weights = weights_provider(plan)
             tied = config.tie_word_embeddings
-            head = table if tied else programs.fp16_array(checkpoint.tensor("lm_head.weight"), "lm_head")
             meta = {"package": IO_MODEL, "compute_units": "CPU_AND_GPU", "recipe": plan.settings.RECIPE,
                     "tied": tied}
             parts = {}
             texts = []
             scratch = outputs[0].parent
-            for function, program in (("embed", programs.embed_program(table, config)),
-                                      ("lm_head", programs.head_program(head, config, tied))):
+            for function, program in (("embed", programs.embed_program(weights, config)),
+                                      ("lm_head", programs.head_program(weights, config))):
                 model = save.convert(program, meta)
                 parts[function] = scratch / f"{function}.part.mlpackage"
                 save.save_package(model, parts[function])
@@ -218,7 +272,7 @@ class Artifacts:
                 from .cache import remove_path
                 remove_path(part)
             outputs[1].write_text("\n".join(texts))
-            return {"functions": list(parts)}
+            return {"functions": list(parts), "bpw": round(weights.table_bits(), 3)}
 
         return ArtifactSpec([plan.package_path(IO_MODEL), plan.mil_path(IO_MODEL)], key, build)
 

@@ -21,6 +21,9 @@ TINY_SHAPES = {
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True),
     "untied_mha": dict(vocab_size=257, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
                        num_attention_heads=3, num_key_value_heads=3, head_dim=16, tie_word_embeddings=False),
+    # Output dims multiples of 128, for GS128 LUT recipes.
+    "q128": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True),
     "mqa6": dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                  num_attention_heads=4, num_key_value_heads=1, head_dim=16, tie_word_embeddings=True),
 }
@@ -43,6 +46,7 @@ class DoitWorkspace:
 
     def __init__(self, root: Path, config: Path):
         self.root, self.config = root, config
+        root.mkdir(parents=True, exist_ok=True)
         self.out_dir = root / "artifacts" / "coreml" / "packages"
         self.state_dir = root / "artifacts" / ".state"
 

@@ -63,7 +63,7 @@ def test_precedence_defaults_then_environment_then_doit_vars(tmp_path):
     defaults = tmp_path / "qwen3build.toml"
     config = tmp_path / "config.json"
     config.write_text("{}")
-    defaults.write_text('CONFIG = "config.json"\nSEQ_LEN = 4096\nSHARDS = "preset"\n')
+    defaults.write_text('CONFIG = "config.json"\nSEQ_LEN = 4096\nSHARDS = "preset"\n[recipes.fp16]\n')
     assert load_settings({}, {}, defaults).SEQ_LEN == 4096
     assert load_settings({}, {"SEQ_LEN": "1024"}, defaults).SEQ_LEN == 1024
     assert load_settings({"SEQ_LEN": "512"}, {"SEQ_LEN": "1024"}, defaults).SEQ_LEN == 512

@@ -51,11 +51,14 @@ class DenseWeights:
         return fp16_array(self.checkpoint.tensor(self.checkpoint.head_name), "lm_head").astype(np.float32)
 
 
-def table_var(value: np.ndarray, name: str, palettize: bool):
-    """A static table: dense fp16, or palettized when it takes few values."""
+def table_var(value: np.ndarray, name: str, palettize: bool, savings: dict | None = None):
+    """A static table: dense fp16, or palettized when it takes few values (bytes saved
+    are recorded in `savings`)."""
     if palettize:
         from ..quant.mil_emit import palettized_table
-        var, _saved = palettized_table(fp16_array(value, name), name)
+        var, saved = palettized_table(fp16_array(value, name), name)
+        if savings is not None:
+            savings[name] = saved
         return var
     return mb.const(val=fp16_array(value, name), name=name)
 
@@ -65,7 +68,7 @@ def kv_state_shape(spec: ShardSpec, config: ModelConfig, seq_len: int) -> tuple[
 
 
 def shard_program(checkpoint, weights, spec: ShardSpec, scales: np.ndarray, seq_len: int,
-                  palettize_tables: bool):
+                  palettize_tables: bool, table_savings: dict | None = None):
     config: ModelConfig = checkpoint.config
     tables = shard_tables(seq_len, config.head_dim, config.rope_theta)
     state_shape = kv_state_shape(spec, config, seq_len)
@@ -80,8 +83,8 @@ def shard_program(checkpoint, weights, spec: ShardSpec, scales: np.ndarray, seq_
         table_vars = {
             "cos": table_var(tables.cos, "rope_cos", False),
             "sin_signed": table_var(tables.sin_signed, "rope_sin_signed", False),
-            "write": table_var(tables.write, "kv_write_table", palettize_tables),
-            "mask": table_var(tables.mask, "causal_mask_table", palettize_tables),
+            "write": table_var(tables.write, "kv_write_table", palettize_tables, table_savings),
+            "mask": table_var(tables.mask, "causal_mask_table", palettize_tables, table_savings),
         }
 
         def weight(layer, kind):
@@ -104,21 +107,23 @@ def shard_program(checkpoint, weights, spec: ShardSpec, scales: np.ndarray, seq_
     return program
 
 
-def embed_program(table: np.ndarray, config: ModelConfig):
+def embed_program(weights, config: ModelConfig):
+    """weights: a provider with table_var(name, head=False) (see quantize.RecipeWeights)."""
     @mb.program(input_specs=[mb.TensorSpec((1, 1), dtype=types.int32)], opset_version=OPSET)
     def program(input_ids):
-        table_var_ = mb.const(val=table, name="embed_tokens")
-        hidden = graph.embed(MilOps(), table_var_, input_ids, config.hidden_size)
+        table = weights.table_var("embed_tokens", head=False)
+        hidden = graph.embed(MilOps(), table, input_ids, config.hidden_size)
         return mb.identity(x=hidden, name="hidden_states")
     return program
 
 
-def head_program(head: np.ndarray, config: ModelConfig, tied: bool):
+def head_program(weights, config: ModelConfig):
     @mb.program(input_specs=[mb.TensorSpec((1, 1, config.hidden_size), dtype=types.fp16)],
                 opset_version=OPSET)
     def program(hidden_states):
-        # Same const name as the embedding when tied, so the merged package stores it once.
-        weight = mb.const(val=head, name="embed_tokens" if tied else "lm_head")
+        # Same name as the embedding when tied, so the merged package stores it once.
+        tied = config.tie_word_embeddings
+        weight = weights.table_var("embed_tokens" if tied else "lm_head", head=True)
         logits = graph.lm_head(MilOps(), hidden_states, weight, config.hidden_size, config.vocab_size)
         return mb.identity(x=logits, name="logits")
     return program

@@ -1,0 +1,130 @@
+"""Quantized builds: selective requantization, no dense projection weights in the
+packages, parity of the saved bytes with the reference, external packs, palettized tables."""
+import json
+
+import numpy as np
+import pytest
+
+from qwen3build.evaluator import PackageEvaluator, load_function
+from qwen3build.plan import make_plan
+from qwen3build.quant.lut import fit_grouped_lut
+from qwen3build.quant.packfile import save_pack
+from qwen3build.reference import ReferenceStack
+from qwen3build.tasks import weights_provider
+from qwen3build.weights import PROJECTIONS
+
+from conftest import DoitWorkspace, make_checkpoint
+
+RECIPES = """
+[recipes.r4]
+projections = { q_proj = 4, k_proj = 4, v_proj = 4, o_proj = 4, gate_proj = 4, up_proj = 4, down_proj = 4 }
+embed_bits = 8
+
+[recipes.r4_last8]
+projections = { q_proj = 4, k_proj = 4, v_proj = 4, o_proj = 4, gate_proj = 4, up_proj = 4, down_proj = 4 }
+layer_bits = { "-1" = 8 }
+embed_bits = 8
+"""
+# 4-bit LUT weights on a random checkpoint: the packages must still track the reference
+# (same packed values, fp16 compute) closely; quantization error itself is verify's job.
+QUANT_PACKAGE_MAX_REL_LOGIT_ERROR = 2e-2
+LAYERS = ["quant:layer00", "quant:layer01", "quant:layer02", "quant:layer03"]
+
+
+@pytest.fixture(scope="module")
+def quant_ws(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    (root / "recipes.toml").write_text(RECIPES)
+    ws = DoitWorkspace(root, make_checkpoint(root / "ckpt", "q128"))
+    ws.recipe_vars = {"RECIPE_FILE": str(root / "recipes.toml")}
+    ws.doit("build", RECIPE="r4", **ws.recipe_vars)
+    return ws
+
+
+def test_recipe_change_requantizes_only_the_touched_layer_and_shard(quant_ws):
+    ws = quant_ws
+    assert all(ws.status(i) == "rebuilt" for i in LAYERS + ["quant:embed"])
+    ws.doit("build", RECIPE="r4_last8", **ws.recipe_vars)
+    assert {i: ws.status(i) for i in LAYERS + ["quant:embed"]} == {
+        "quant:layer00": "up to date", "quant:layer01": "up to date", "quant:layer02": "up to date",
+        "quant:layer03": "rebuilt", "quant:embed": "up to date"}
+    assert {i: ws.status(i) for i in ("shard:left", "shard:mid", "shard:right", "io_model")} == {
+        "shard:left": "up to date", "shard:mid": "up to date", "shard:right": "rebuilt", "io_model": "up to date"}
+    ws.doit("build", RECIPE="r4_last8", SHARDS="left:0-0,mid:1-2,right:3-3", **ws.recipe_vars)
+    assert all(ws.status(i) == "up to date" for i in LAYERS), "a layout change must not requantize"
+    ws.doit("build", RECIPE="r4", **ws.recipe_vars)  # back: a restore
+    assert ws.status("quant:layer03") == "restored" and ws.status("shard:right") == "restored"
+
+
+def test_quantized_packages_hold_no_dense_projection_weights(quant_ws):
+    stack = json.loads((quant_ws.out_dir / "stack.json").read_text())
+    for shard in stack["shards"]:
+        function = load_function(quant_ws.out_dir / shard["package"]).function
+        linears = [op for op in function.operations if op.op_type == "linear"]
+        assert linears
+        for op in linears:
+            assert op.weight.op.op_type.startswith("constexpr_"), (shard["name"], op.name, op.weight.op.op_type)
+    for fn in ("embed", "lm_head"):
+        types = [op.op_type for op in load_function(quant_ws.out_dir / "io_model.mlpackage", fn).function.operations]
+        assert "constexpr_blockwise_shift_scale" in types
+
+
+def test_quantized_chain_matches_the_reference_on_the_same_packs(quant_ws):
+    ws = quant_ws
+    ws.doit("build", RECIPE="r4", **ws.recipe_vars)
+    plan = make_plan({**ws.paths(), "RECIPE": "r4", **ws.recipe_vars}, environ={})
+    stack = json.loads((ws.out_dir / "stack.json").read_text())
+    reference = ReferenceStack(plan.checkpoint, weights_provider(plan), plan.layout, np.load(plan.scales_path), plan.settings.SEQ_LEN)
+    embed = PackageEvaluator(ws.out_dir / "io_model.mlpackage", "embed")
+    head = PackageEvaluator(ws.out_dir / "io_model.mlpackage", "lm_head")
+    shards = [PackageEvaluator(ws.out_dir / s["package"]) for s in stack["shards"]]
+    states = [s.new_state() for s in shards]
+    for position, token in enumerate(np.random.RandomState(0).randint(0, 512, 12)):
+        hidden = embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
+        for shard, state in zip(shards, states):
+            hidden = shard.predict({"hidden_states": hidden, "position": np.array([position], np.int32)}, state)["output_hidden_states"]
+        logits = head.predict({"hidden_states": hidden})["logits"][0].astype(np.float32)
+        expected = reference.step(int(token), position)
+        assert np.abs(logits - expected).max() / np.abs(expected).max() < QUANT_PACKAGE_MAX_REL_LOGIT_ERROR
+
+
+def test_external_lut_packs_are_used_and_validated(tmp_path):
+    (tmp_path / "recipes.toml").write_text(RECIPES)
+    ws = DoitWorkspace(tmp_path, make_checkpoint(tmp_path / "ckpt", "q128"))
+    plan = make_plan({**ws.paths()}, environ={})
+    lut_dir = tmp_path / "luts"
+    for layer in range(4):
+        (lut_dir / f"layer{layer:02d}").mkdir(parents=True)
+        for kind in PROJECTIONS:
+            pack = fit_grouped_lut(plan.checkpoint.layer(layer, kind), 4, 128)
+            save_pack(lut_dir / f"layer{layer:02d}" / f"{kind}.npz", pack)
+    ws.doit("build", RECIPE="r4", LUT_DIR=str(lut_dir), RECIPE_FILE=str(tmp_path / "recipes.toml"))
+    assert ws.status("shard:left") == "rebuilt"
+    wrong = fit_grouped_lut(plan.checkpoint.layer(1, "q_proj")[:128], 4, 128)  # wrong shape
+    save_pack(lut_dir / "layer01" / "q_proj.npz", wrong)
+    result = ws.doit("build", RECIPE="r4", LUT_DIR=str(lut_dir), RECIPE_FILE=str(tmp_path / "recipes.toml"), check=False)
+    assert result.returncode != 0
+    assert "LUT_DIR" in result.stdout + result.stderr and "shape" in result.stdout + result.stderr
+
+
+def test_palettized_tables_save_bytes_and_change_nothing(tmp_path, gqa_checkpoint):
+    plain = DoitWorkspace(tmp_path / "plain", gqa_checkpoint)
+    plain.doit("build", SEQ_LEN=64)
+    palettized = DoitWorkspace(tmp_path / "pal", gqa_checkpoint)
+    palettized.doit("build", SEQ_LEN=64, PALETTIZE_MASKS="1")
+    for name in ("left", "mid", "right"):
+        state = palettized.state(f"shard:{name}")
+        assert state["table_bytes_saved"] > 0
+        assert state["bytes"] < plain.state(f"shard:{name}")["bytes"]
+        package = f"decoder_shard_{name}.mlpackage"
+        types = [op.op_type for op in load_function(palettized.out_dir / package).function.operations]
+        assert types.count("constexpr_lut_to_dense") == 2  # the write and mask tables
+    hidden = np.random.RandomState(0).randn(1, 1, 64).astype(np.float16)
+    outputs = []
+    for ws in (plain, palettized):
+        evaluator = PackageEvaluator(ws.out_dir / "decoder_shard_left.mlpackage")
+        state = evaluator.new_state()
+        for position in range(3):
+            out = evaluator.predict({"hidden_states": hidden, "position": np.array([position], np.int32)}, state)
+        outputs.append(out["output_hidden_states"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
