@@ -20,6 +20,8 @@ DEFAULTS_FILE = REPO_ROOT / "qwen3build.toml"
 MAX_SEQ_LEN = 32768
 # ANE compile stability ceiling seen in the field (DESIGN section 4): warn above it.
 ANE_MAX_LAYERS_PER_SHARD = 15
+# Packages above ~1.0-1.4 GB have been seen to fall back off the ANE on iOS, silently.
+ANE_MAX_PACKAGE_BYTES = 1_000_000_000
 
 PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
              "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")

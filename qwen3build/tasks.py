@@ -16,7 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import RUN_ID_ENV, ActionCache, replace_atomically
+from .cache import RUN_ID_ENV, ActionCache, replace_atomically, tree_size
+from .config import ANE_MAX_PACKAGE_BYTES
 from .hashing import action_key, digest_bytes
 from .plan import IO_MODEL, SAMPLER, Plan
 from .weights import DigestStore, LAYER_TENSORS, layer_tensor_name, stat_signature
@@ -230,6 +231,10 @@ class Artifacts:
             save.save_package(model, outputs[0])
             outputs[1].write_text(save.mil_text(model))
             bpw = weights.projection_bits(spec.layers)
+            size = tree_size(outputs[0])
+            if size > ANE_MAX_PACKAGE_BYTES:
+                log.warning("%s is %.2f GB: packages above ~1 GB have been seen to fall back off the ANE on iOS; "
+                            "use more shards or a quantized RECIPE", package, size / 1e9)
             if savings:
                 log.info("%s: palettized tables saved %.1f MB (%s)", package, sum(savings.values()) / 1e6,
                          ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in savings.items()))
