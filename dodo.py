@@ -12,6 +12,7 @@ from doit import get_var
 
 from qwen3build.cache import RUN_ID_ENV
 from qwen3build.config import SETTING_KEYS
+from qwen3build.doit_reporter import OneLineFailureReporter
 from qwen3build.errors import BuildError
 from qwen3build.logs import configure as configure_logging
 from qwen3build.plan import IO_MODEL, SAMPLER, make_plan
@@ -31,6 +32,7 @@ DOIT_CONFIG = {
     "dep_file": str(PLAN.settings.CACHE_DIR / "doit.sqlite3"),
     "verbosity": 2,
     "action_string_formatting": "new",
+    "reporter": OneLineFailureReporter,
 }
 PLAN.settings.CACHE_DIR.mkdir(parents=True, exist_ok=True)
 

@@ -107,4 +107,24 @@ def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Pla
         raise BuildError(f"LUT_DIR={settings.LUT_DIR} is not a directory of layerNN/<kind>.npz packs (docs/quantization.md)")
     if settings.OMNIQ_DIR is not None and not settings.OMNIQ_DIR.is_dir():
         raise BuildError(f"OMNIQ_DIR={settings.OMNIQ_DIR} is not a directory of embed_tokens.npz / lm_head.npz packs")
-    return Plan(settings, config, layout, tuple(files), index, recipe)
+    plan = Plan(settings, config, layout, tuple(files), index, recipe)
+    _check_external_packs(plan)
+    return plan
+
+
+def _check_external_packs(plan: Plan) -> None:
+    """Every pack LUT_DIR / OMNIQ_DIR must supply exists (contents are validated when used)."""
+    depth = plan.config.num_hidden_layers
+    if plan.settings.LUT_DIR is not None:
+        missing = [f"layer{layer:02d}/{kind}.npz" for layer in plan.quantized_layers()
+                   for kind, bits in plan.recipe.layer_allocation(layer, depth).items()
+                   if bits and not (plan.settings.LUT_DIR / f"layer{layer:02d}" / f"{kind}.npz").is_file()]
+        if missing:
+            more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise BuildError(f"LUT_DIR={plan.settings.LUT_DIR} lacks {', '.join(missing[:3])}{more} "
+                             f"needed by RECIPE={plan.recipe.name}; see docs/quantization.md for the layout")
+    if plan.settings.OMNIQ_DIR is not None and plan.recipe.embed_bits:
+        names = ["embed_tokens"] + ([] if plan.config.tie_word_embeddings else ["lm_head"])
+        missing = [f"{n}.npz" for n in names if not (plan.settings.OMNIQ_DIR / f"{n}.npz").is_file()]
+        if missing:
+            raise BuildError(f"OMNIQ_DIR={plan.settings.OMNIQ_DIR} lacks {', '.join(missing)} needed by RECIPE={plan.recipe.name}")
