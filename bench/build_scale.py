@@ -11,6 +11,7 @@ reports their median.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -48,29 +49,34 @@ def main() -> int:
     parser.add_argument("--seq-len-b", type=int, default=2048)
     parser.add_argument("--work", type=Path)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--recipe", default="fp16", help="RECIPE for every step (quantization time is reported)")
     args = parser.parse_args()
     if not args.config.is_file() and args.config.parent == DEFAULT_CHECKPOINT:
         subprocess.run([sys.executable, str(REPO / "bench" / "make_qwen3_1p7b_checkpoint.py")], check=True)
-    work = args.work or REPO / "bench" / "out" / f"build-{args.config.parent.name}"
+    work = args.work or REPO / "bench" / "out" / f"build-{args.config.parent.name}-{args.recipe}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rows = []
-    seconds, rss, output = run_doit(work, args.config, SEQ_LEN=args.seq_len)
-    rows.append(("cold build", seconds, rss))
+    common = {"RECIPE": args.recipe}
+    seconds, rss, output = run_doit(work, args.config, SEQ_LEN=args.seq_len, **common)
+    rows.append((f"cold build (RECIPE={args.recipe})", seconds, rss))
     print(output)
-    noop = [run_doit(work, args.config, SEQ_LEN=args.seq_len)[0] for _ in range(args.repeat)]
+    quant = [json.loads(p.read_text()) for p in (work / "artifacts/.state").glob("quant__*.json")]
+    if quant:
+        rows.append((f"  of which quantization ({len(quant)} pack tasks)", sum(q["seconds"] for q in quant), float("nan")))
+    noop = [run_doit(work, args.config, SEQ_LEN=args.seq_len, **common)[0] for _ in range(args.repeat)]
     rows.append((f"no-op build (median of {args.repeat})", statistics.median(noop), float("nan")))
-    seconds, rss, output = run_doit(work, args.config, SEQ_LEN=args.seq_len_b)
+    seconds, rss, output = run_doit(work, args.config, SEQ_LEN=args.seq_len_b, **common)
     rows.append((f"SEQ_LEN {args.seq_len} -> {args.seq_len_b}", seconds, rss))
     print(output)
-    seconds, rss, output = run_doit(work, args.config, SEQ_LEN=args.seq_len)
+    seconds, rss, output = run_doit(work, args.config, SEQ_LEN=args.seq_len, **common)
     rows.append((f"SEQ_LEN back to {args.seq_len} (restore)", seconds, float("nan")))
     print(output)
     weights = sorted(args.config.parent.glob("*.safetensors"))
     for path in weights:
         os.utime(path)
-    rows.append(("after touch of the weights", run_doit(work, args.config, SEQ_LEN=args.seq_len)[0], float("nan")))
-    rows.append(("the run after that", run_doit(work, args.config, SEQ_LEN=args.seq_len)[0], float("nan")))
+    rows.append(("after touch of the weights", run_doit(work, args.config, SEQ_LEN=args.seq_len, **common)[0], float("nan")))
+    rows.append(("the run after that", run_doit(work, args.config, SEQ_LEN=args.seq_len, **common)[0], float("nan")))
     print(f"checkpoint: {args.config.parent}  ({sum(p.stat().st_size for p in weights) / 1e9:.2f} GB of weights)")
     print(f"{'step':44s} {'seconds':>9s} {'peak RSS GB':>12s}")
     for name, seconds, rss in rows:
