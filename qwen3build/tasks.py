@@ -184,7 +184,9 @@ class Artifacts:
                 scales = validate_scales(scales, plan.config.num_hidden_layers, f"SCALES={external}")
                 info = {"source": str(external)}
             else:
-                scales, info = compute_slanc_scales(plan.checkpoint)
+                depth = plan.config.num_hidden_layers
+                scales, info = compute_slanc_scales(
+                    plan.checkpoint, progress=lambda layer: log.info("  slanc: layer %d/%d", layer + 1, depth))
             with open(outputs[0], "wb") as handle:
                 np.save(handle, scales)
             return {"scales_min": float(scales.min())}
@@ -225,6 +227,7 @@ class Artifacts:
             savings: dict = {}
             program = programs.shard_program(plan.checkpoint, weights, spec, self.scales(), settings.SEQ_LEN,
                                              settings.PALETTIZE_MASKS, savings)
+            log.info("  %s: converting and saving", package)
             model = save.convert(program, {"package": package, "role": spec.role, "layers": f"{spec.first}-{spec.last}",
                                            "seq_len": settings.SEQ_LEN, "compute_units": "CPU_AND_NE",
                                            "recipe": settings.RECIPE})

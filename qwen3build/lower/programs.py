@@ -5,6 +5,8 @@ files. The math comes from graph.py through MilOps.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import coremltools as ct
 from coremltools.converters.mil import Builder as mb
@@ -17,6 +19,7 @@ from ..model_config import ModelConfig
 from ..numerics.tables import shard_tables
 from .mil_ops import MilOps
 
+log = logging.getLogger(__name__)
 OPSET = ct.target.iOS18
 STATE_NAME = "kv_cache"
 NORM_KINDS = ("input_norm", "post_norm", "q_norm", "k_norm")
@@ -89,6 +92,8 @@ def shard_program(checkpoint, weights, spec: ShardSpec, scales: np.ndarray, seq_
 
         def weight(layer, kind):
             name = f"layer{layer:02d}_{kind}"
+            if kind == "input_norm":  # first weight of each layer: one progress line per layer
+                log.info("  %s layer %d (%d/%d)", spec.package_name, layer, layer - spec.first + 1, len(spec.layers))
             if kind in NORM_KINDS:
                 return mb.const(val=fp16_array(checkpoint.layer(layer, kind), name), name=name)
             return weights.projection_var(layer, kind, name)
