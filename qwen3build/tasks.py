@@ -289,17 +289,18 @@ class Artifacts:
         plan = self.plan
         vocab = plan.config.vocab_size
 
+        from .sampling import DEFAULT_WINDOW as window
+
         def key():
-            return action_key("sampler", code=("qwen3build.lower.programs", "qwen3build.lower.save"),
-                              settings={"vocab_size": vocab}, tensors={})
+            return action_key("sampler", code=("qwen3build.lower.sampler", "qwen3build.sampling", "qwen3build.lower.save"),
+                              settings={"vocab_size": vocab, "window": window}, tensors={})
 
         def build(outputs):
-            from .lower import programs, save
-            model = save.convert(programs.greedy_sampler_program(vocab),
-                                 {"package": SAMPLER, "compute_units": "CPU_AND_GPU", "mode": "greedy"})
+            from .lower import sampler, save
+            model = sampler.convert(sampler.sampler_program(vocab, window), sampler.sampler_metadata(vocab, window))
             save.save_package(model, outputs[0])
             outputs[1].write_text(save.mil_text(model))
-            return {"mode": "greedy"}
+            return {"mode": "sample", "window": window}
 
         return ArtifactSpec([plan.package_path(SAMPLER), plan.mil_path(SAMPLER)], key, build)
 
@@ -349,6 +350,8 @@ def finalize_stack(artifacts: Artifacts) -> dict:
                     "last": s.last, "role": s.role} for s in plan.layout],
         "scales": str(plan.scales_path),
         "keys": keys,
+        # What a runner needs to rebuild this plan (e.g. the torch backend).
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(plan.settings).items()},
     }
     _write_json_if_changed(out_dir / STACK_FILE, stack)
     return stack

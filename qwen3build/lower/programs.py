@@ -18,6 +18,7 @@ from ..errors import BuildError
 from ..model_config import ModelConfig
 from ..numerics.tables import shard_tables
 from .mil_ops import MilOps
+from .save import reset_op_names
 
 log = logging.getLogger(__name__)
 OPSET = ct.target.iOS18
@@ -75,6 +76,7 @@ def shard_program(checkpoint, weights, spec: ShardSpec, scales: np.ndarray, seq_
     config: ModelConfig = checkpoint.config
     tables = shard_tables(seq_len, config.head_dim, config.rope_theta)
     state_shape = kv_state_shape(spec, config, seq_len)
+    reset_op_names()
 
     @mb.program(input_specs=[
         mb.TensorSpec((1, 1, config.hidden_size), dtype=types.fp16),
@@ -114,6 +116,8 @@ def shard_program(checkpoint, weights, spec: ShardSpec, scales: np.ndarray, seq_
 
 def embed_program(weights, config: ModelConfig):
     """weights: a provider with table_var(name, head=False) (see quantize.RecipeWeights)."""
+    reset_op_names()
+
     @mb.program(input_specs=[mb.TensorSpec((1, 1), dtype=types.int32)], opset_version=OPSET)
     def program(input_ids):
         table = weights.table_var("embed_tokens", head=False)
@@ -123,6 +127,8 @@ def embed_program(weights, config: ModelConfig):
 
 
 def head_program(weights, config: ModelConfig):
+    reset_op_names()
+
     @mb.program(input_specs=[mb.TensorSpec((1, 1, config.hidden_size), dtype=types.fp16)],
                 opset_version=OPSET)
     def program(hidden_states):
@@ -131,12 +137,4 @@ def head_program(weights, config: ModelConfig):
         weight = weights.table_var("embed_tokens" if tied else "lm_head", head=True)
         logits = graph.lm_head(MilOps(), hidden_states, weight, config.hidden_size, config.vocab_size)
         return mb.identity(x=logits, name="logits")
-    return program
-
-
-def greedy_sampler_program(vocab_size: int):
-    """logits (1, V) -> token (1,) int32 by argmax (indices stay int32: see save.py)."""
-    @mb.program(input_specs=[mb.TensorSpec((1, vocab_size), dtype=types.fp16)], opset_version=OPSET)
-    def program(logits):
-        return mb.reduce_argmax(x=logits, axis=-1, keep_dims=False, name="token")
     return program

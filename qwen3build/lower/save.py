@@ -26,15 +26,28 @@ DATE_KEY = "com.github.apple.coremltools.conversion_date"
 PACKAGE_UUID_NAMESPACE = uuid.UUID("5f0c1c55-3a43-4a8b-9a57-2a8c1f0e4b21")
 
 
+def reset_op_names() -> None:
+    """Restart coremltools' process-global op-name counters.
+
+    Unnamed ops (including ones passes create, like the write_state a state update
+    lowers to) are named from a class-level counter, so without this a package's bytes
+    depend on what the process built before it. Call right before building a program.
+    """
+    from coremltools.converters.mil.mil.builder import Builder
+    Builder.name_count.clear()
+
+
 def safe_pipeline() -> ct.PassPipeline:
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes(list(UNSAFE_PASSES))
     return pipeline
 
 
-def convert(program, metadata: dict | None = None) -> ct.models.MLModel:
+def convert(program, metadata: dict | None = None,
+            compute_precision=ct.precision.FLOAT16) -> ct.models.MLModel:
+    """compute_precision FLOAT16 (default) lowers fp32 ops to fp16; the sampler keeps fp32."""
     model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       skip_model_load=True, pass_pipeline=safe_pipeline())
+                       skip_model_load=True, pass_pipeline=safe_pipeline(), compute_precision=compute_precision)
     meta = model.user_defined_metadata
     if DATE_KEY in meta:
         del meta[DATE_KEY]

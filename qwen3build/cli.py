@@ -1,0 +1,175 @@
+"""`qwen3build` console script. Subcommand `run`: generate text with a built stack.
+
+    qwen3build run --prompt "def fibonacci(n):" --max-new-tokens 64 --stats
+    qwen3build run --prompt "..." --decode-mode sample --temperature 0.8 --min-p 0.05 --seed 7
+
+The generated text goes to stdout; everything else (which backend ran, stop reason,
+stats, progress) goes to stderr through logging. A user error is one line on stderr and
+exit status 2. docs/run.md has the details.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import BuildError
+
+log = logging.getLogger("qwen3build.cli")
+
+USAGE_ERROR = 2
+INTERRUPTED = 130
+STOP_MESSAGES = {
+    "eos": "stopped at end-of-sequence token",
+    "max_new_tokens": "stopped after --max-new-tokens={max_new_tokens} tokens",
+    "context": ("stopped: the context capacity of {seq_len} tokens (SEQ_LEN) is full; rebuild with "
+                "`./dev build SEQ_LEN=<more>` for longer runs"),
+}
+# Options that only mean something when sampling: given with --decode-mode greedy they
+# would be ignored, so they are refused instead.
+SAMPLING_ONLY = ("temperature", "min_p", "coherence", "seed")
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2), like every other error."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_run_parser(subparsers) -> None:
+    from .runner import BACKENDS
+
+    run = subparsers.add_parser("run", help="generate text with a built stack",
+                                description="Generate text with a built stack (see docs/run.md).")
+    run.add_argument("--models-dir", help="a build's OUT_DIR holding stack.json "
+                                          "(default: the default build's artifacts/coreml/packages)")
+    run.add_argument("--tokenizer", help="tokenizer.json (default: the one stack.json names)")
+    run.add_argument("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+    run.add_argument("--no-chat-template", action="store_true",
+                     help="send the prompt as is even when the tokenizer has a chat template")
+    run.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default 128)")
+    run.add_argument("--decode-mode", choices=("greedy", "sample"), default="greedy",
+                     help="greedy: argmax (after the repetition penalty); sample: the sampler's rules")
+    run.add_argument("--temperature", type=float, help="sample mode, > 0 (default 0.7)")
+    run.add_argument("--min-p", type=float, help="sample mode, in [0, 1] (default 0.05)")
+    run.add_argument("--coherence", type=float,
+                     help="sample mode, coherence-modulation strength in [0, 1] (default 0: off)")
+    run.add_argument("--repetition-penalty", type=float, help="> 0, 1 = off (default 1); both modes")
+    run.add_argument("--seed", type=int, help="sample mode: host RNG seed (default: a fresh one, logged)")
+    run.add_argument("--stream-mode", choices=("word", "token"), default="word",
+                     help="write text per whole word (default) or per token")
+    run.add_argument("--stats", action="store_true",
+                     help="report time to first token, prefill and decode tokens/s")
+    run.add_argument("--prefill-progress", action="store_true", help="show progress while the prompt is read")
+    run.add_argument("--backend", choices=BACKENDS, default="auto",
+                     help="auto (Core ML on macOS, else evaluator), coreml, evaluator, torch")
+    run.add_argument("-v", "--verbose", action="store_true", help="log every package opened and more")
+    run.set_defaults(handler=run_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="qwen3build", description="Qwen3 -> split Core ML deployment tools")
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    _add_run_parser(subparsers)
+    return parser
+
+
+def sampler_settings(args) -> tuple:
+    """(SamplerSettings, seed) from the options; refuses sampling options in greedy mode."""
+    import secrets
+
+    from .sampling import DEFAULT_COHERENCE, DEFAULT_MIN_P, DEFAULT_TEMPERATURE, SamplerSettings
+
+    penalty = 1.0 if args.repetition_penalty is None else args.repetition_penalty
+    if args.decode_mode == "greedy":
+        given = [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY if getattr(args, name) is not None]
+        if given:
+            raise BuildError(f"{', '.join(given)} only apply with --decode-mode sample (greedy takes the argmax)")
+        return SamplerSettings(temperature=0.0, min_p=0.0, repetition_penalty=penalty, coherence=0.0), None
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
+    if not temperature > 0:
+        raise BuildError(f"--temperature={temperature} must be above 0 when sampling; "
+                         f"use --decode-mode greedy for argmax decoding")
+    if args.seed is not None and args.seed < 0:
+        raise BuildError(f"--seed={args.seed} must be 0 or more")
+    try:
+        settings = SamplerSettings(
+            temperature=temperature,
+            min_p=DEFAULT_MIN_P if args.min_p is None else args.min_p,
+            repetition_penalty=penalty,
+            coherence=DEFAULT_COHERENCE if args.coherence is None else args.coherence)
+    except BuildError as error:  # name the option as the user wrote it
+        raise BuildError(f"--{str(error).replace('_', '-')}") from None
+    return settings, (secrets.randbits(32) if args.seed is None else args.seed)
+
+
+def run_command(args) -> int:
+    from pathlib import Path
+
+    from . import runner
+
+    if args.max_new_tokens < 1:
+        raise BuildError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise BuildError(f"--repetition-penalty={args.repetition_penalty} must be above 0 (1 = off)")
+    settings, seed = sampler_settings(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise BuildError("--prompt is empty; give the text to continue")
+    models_dir = Path(args.models_dir) if args.models_dir else runner.default_models_dir()
+    stack = runner.load_stack(models_dir)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else stack.tokenizer
+    if tokenizer is None:
+        raise BuildError(f"{models_dir / runner.STACK_FILE} names no tokenizer (the checkpoint has no "
+                         f"tokenizer.json); pass --tokenizer path/to/tokenizer.json")
+    codec = runner.TextCodec(tokenizer)
+    use_template = bool(codec.chat_template) and not args.no_chat_template
+    prompt_ids = codec.encode_prompt(prompt, use_chat_template=use_template)
+    if max(prompt_ids, default=0) >= stack.vocab_size:
+        raise BuildError(f"tokenizer {codec.path} produced id {max(prompt_ids)} but the model's vocabulary has "
+                         f"{stack.vocab_size} entries: wrong --tokenizer for this stack")
+    backend = runner.open_backend(stack, args.backend)
+    mode = "greedy" if settings.greedy else (
+        f"sample (temperature {settings.temperature}, min-p {settings.min_p}, coherence {settings.coherence}, "
+        f"seed {seed})")
+    log.info("backend: %s (%s); %s; repetition penalty %s over the last %d tokens; prompt %d tokens%s",
+             backend.name, backend.description, mode, settings.repetition_penalty, backend.window,
+             len(prompt_ids), " (chat template applied)" if use_template else "")
+    stream = runner.TextStream(codec, args.stream_mode)
+    generation = runner.generate(
+        backend, prompt_ids, settings, args.max_new_tokens, stack.eos_token_ids, stack.seq_len, seed=seed,
+        on_token=stream, on_prefill=runner.PrefillProgress() if args.prefill_progress else None)
+    stream.finish()
+    message = STOP_MESSAGES[generation.stop_reason].format(max_new_tokens=args.max_new_tokens, seq_len=stack.seq_len)
+    (log.warning if generation.stop_reason == "context" else log.info)("%s (%d tokens generated)",
+                                                                       message, len(generation.tokens))
+    if args.stats:
+        log.info("stats: backend=%s prompt_tokens=%d generated_tokens=%d stop=%s", backend.name,
+                 generation.prompt_tokens, len(generation.tokens), generation.stop_reason)
+        log.info("stats: time_to_first_token=%.3f s prefill=%.1f tokens/s decode=%.1f tokens/s",
+                 generation.time_to_first_token, generation.prefill_tokens_per_second,
+                 generation.decode_tokens_per_second)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .logs import configure
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure(logging.INFO if args.verbose else logging.WARNING)
+    for name in ("qwen3build.cli", "qwen3build.runner"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.handler(args)
+    except BuildError as error:
+        print(f"qwen3build {args.command}: {error}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
