@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BuildError
-from .lower.programs import DenseWeights, fp16_array
+from .lower.programs import DenseWeights
 from .quant.blockwise import BlockwisePack, fit_blockwise
 from .quant.lut import LutPack, fit_grouped_lut
 from .quant.packfile import load_pack, save_pack
@@ -157,7 +157,7 @@ class RecipeWeights:
         if pack is None:
             tensor = self.checkpoint.head_name if head else "model.embed_tokens.weight"
             from coremltools.converters.mil import Builder as mb
-            return mb.const(val=fp16_array(self.checkpoint.tensor(tensor), name), name=name)
+            return mb.const(val=self.checkpoint.tensor_fp16(tensor), name=name)
         from .quant.mil_emit import blockwise_weight
         return blockwise_weight(pack, name)
 

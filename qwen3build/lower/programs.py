@@ -17,6 +17,7 @@ from ..config import ShardSpec
 from ..errors import BuildError
 from ..model_config import ModelConfig
 from ..numerics.tables import shard_tables
+from ..weights import layer_tensor_name
 from .mil_ops import MilOps
 from .save import reset_op_names
 
@@ -42,17 +43,16 @@ class DenseWeights:
 
     def projection_array(self, layer: int, kind: str) -> np.ndarray:
         """The weight exactly as packed (fp16-rounded), widened to fp32 for the reference."""
-        name = f"layer{layer:02d}_{kind}"
-        return fp16_array(self.checkpoint.layer(layer, kind), name).astype(np.float32)
+        return self.checkpoint.tensor_fp16(layer_tensor_name(layer, kind)).astype(np.float32)
 
     def projection_var(self, layer: int, kind: str, name: str):
-        return mb.const(val=fp16_array(self.checkpoint.layer(layer, kind), name), name=name)
+        return mb.const(val=self.checkpoint.tensor_fp16(layer_tensor_name(layer, kind)), name=name)
 
     def embed_array(self) -> np.ndarray:
-        return fp16_array(self.checkpoint.tensor("model.embed_tokens.weight"), "embed_tokens").astype(np.float32)
+        return self.checkpoint.tensor_fp16("model.embed_tokens.weight").astype(np.float32)
 
     def head_array(self) -> np.ndarray:
-        return fp16_array(self.checkpoint.tensor(self.checkpoint.head_name), "lm_head").astype(np.float32)
+        return self.checkpoint.tensor_fp16(self.checkpoint.head_name).astype(np.float32)
 
 
 def table_var(value: np.ndarray, name: str, palettize: bool, savings: dict | None = None):
