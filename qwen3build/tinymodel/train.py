@@ -11,8 +11,9 @@ transformers' Qwen3ForCausalLM (a dev tool here, never part of the build) traine
 AdamW from a fixed seed, saved in bf16 with the real Hugging Face tensor names and a
 transformers-4 style config.json, exactly like a Qwen3 release.
 
-The step count is sized from a measured throughput so the run fits ``--budget-minutes``;
-pass ``--steps N`` (recorded in TRAINING.md) to repeat a run exactly.
+The run is sized by the clock to fit ``--budget-minutes`` (see ``train``); the learning
+rate of every step is recorded in training_record.json, and ``--replay RECORD`` reruns
+that exact schedule. ``--steps N`` runs a fixed N-step schedule instead.
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ class ModelShape:
 class TrainSettings:
     seed: int = DEFAULT_SEED
     context: int = 512            # tokens per training window
-    batch_size: int = 4           # windows per step: 2048 tokens, more steps in the budget
+    batch_size: int = 2           # windows per step: 1024 tokens; more updates per token
     learning_rate: float = 3e-3   # peak; a 5M-parameter model tolerates a high rate
     min_lr_ratio: float = 0.1     # cosine decays to 10% of peak
-    warmup_steps: int = 60
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     adam_betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -294,11 +295,11 @@ def window_batch(stream, context: int, batch_size: int, generator):
     return rows[:, :-1].long(), rows[:, 1:].long()  # (B, T), (B, T)
 
 
-def lr_at(step: int, total_steps: int, settings: TrainSettings) -> float:
+def lr_at(step: int, progress: float, settings: TrainSettings) -> float:
+    """Linear warm-up over the first steps, then cosine decay over progress in [0, 1]."""
     if step < settings.warmup_steps:
         return settings.learning_rate * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, total_steps - settings.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
     return settings.learning_rate * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine)
 
 
@@ -329,44 +330,63 @@ def train_step(model, optimizer, inputs, labels, lr: float, settings: TrainSetti
     return loss.item()
 
 
-def train(model, stream, settings: TrainSettings, budget_seconds: float, steps: int | None):
-    """Train in place; returns (steps run, seconds, measured tokens/s)."""
+def train(model, stream, settings: TrainSettings, budget_seconds: float, steps: int | None,
+          lr_trace: list[float] | None = None):
+    """Train in place; returns (steps run, seconds, tokens/s over the run, lr per step).
+
+    With ``steps``, the cosine runs over that many steps. Without, the run is sized by
+    the clock: the first steps are timed to report the expected size, and the cosine
+    then runs over the remaining wall-clock budget (progress = elapsed fraction after
+    warm-up), ending when the budget is spent. On a shared machine the throughput can
+    drop several-fold mid-run; a step count sized from the first steps would then
+    overrun the budget, while this ends on time with the learning rate fully decayed.
+    ``lr_trace`` (the lr_per_step of a training_record.json) replays a run exactly.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = make_optimizer(model, settings)
     model.train()
     tokens_per_step = settings.context * settings.batch_size
-
-    # Measure throughput on the first steps (they are real training steps at warm-up lr)
-    # and size the run from it, unless the step count is given.
-    measured = None
-    step = 0
     started = time.perf_counter()
-    timed_from = None
-    total_steps = steps if steps is not None else 10 ** 9
-    while step < total_steps:
-        if step == 2:
-            timed_from = time.perf_counter()
-        if steps is None and step == 2 + settings.measure_steps:
-            elapsed = time.perf_counter() - timed_from
-            measured = settings.measure_steps * tokens_per_step / elapsed
-            total_steps = max(step + 1, int(budget_seconds * measured / tokens_per_step))
-            log.info("measured %.0f tokens/s; sizing the run to %d steps (%.1f M tokens) "
-                     "for a %.0f s budget", measured, total_steps,
-                     total_steps * tokens_per_step / 1e6, budget_seconds)
+    deadline = started + budget_seconds
+    warmup_done_at = None
+    lrs: list[float] = []
+    step = 0
+    if lr_trace is not None:
+        steps = len(lr_trace)
+    while True:
+        now = time.perf_counter()
+        if steps is not None:
+            if step >= steps:
+                break
+            progress = (step - settings.warmup_steps) / max(1, steps - settings.warmup_steps)
+        else:
+            if now >= deadline:
+                break
+            if step == settings.warmup_steps:
+                warmup_done_at = now
+            progress = 0.0 if warmup_done_at is None else (
+                (now - warmup_done_at) / max(1e-9, deadline - warmup_done_at))
+            if step == 2:
+                timed_from = now
+            if step == 2 + settings.measure_steps:
+                rate = settings.measure_steps * tokens_per_step / (now - timed_from)
+                log.info("measured %.0f tokens/s: about %d steps (%.2f M tokens) fit the %.0f s "
+                         "budget at this rate", rate, budget_seconds * rate / tokens_per_step,
+                         budget_seconds * rate / 1e6, budget_seconds)
+        lr = lr_at(step, progress, settings) if lr_trace is None else lr_trace[step]
         inputs, labels = window_batch(stream, settings.context, settings.batch_size, generator)
-        loss = train_step(model, optimizer, inputs, labels, lr_at(step, total_steps, settings), settings)
-        if step % 50 == 0 or step == total_steps - 1:
-            log.info("step %5d/%s  loss %.4f  lr %.2e  %.0f s", step,
-                     total_steps if total_steps < 10 ** 9 else "?", loss,
-                     lr_at(step, total_steps, settings), time.perf_counter() - started)
+        loss = train_step(model, optimizer, inputs, labels, lr, settings)
+        lrs.append(lr)
+        if step % 25 == 0:
+            log.info("step %5d  loss %.4f  lr %.2e  progress %.2f  %.0f s", step, loss, lr,
+                     max(0.0, progress), time.perf_counter() - started)
         step += 1
     seconds = time.perf_counter() - started
-    if measured is None:
-        measured = step * tokens_per_step / seconds
+    log.info("trained %d steps (%.2f M tokens) in %.0f s", step, step * tokens_per_step / 1e6, seconds)
     model.eval()
-    return step, seconds, measured
+    return step, seconds, step * tokens_per_step / seconds, lrs
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -442,7 +462,8 @@ def report(out_dir: Path, heldout_path: Path, window: int) -> dict:
     record["heldout"] = evaluate_checkpoint(out_dir, heldout_path, window)
     from qwen3build.tinymodel import REPO_ROOT
     resolved = heldout_path.resolve()
-    record["heldout"]["text"] = str(resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved)
+    shown = resolved.relative_to(REPO_ROOT) if resolved.is_relative_to(REPO_ROOT) else resolved
+    record["heldout"]["text"] = str(shown)
     log.info("held-out figures: %s", record["heldout"])
     write_training_report(out_dir, record)
     return record
@@ -461,9 +482,10 @@ def write_training_report(out_dir: Path, record: dict) -> None:
         record["command"],
         "```",
         "",
-        f"Seed {record['seed']}, {record['steps']} steps; to repeat this run exactly on the "
-        f"same Python, pass `--steps {record['steps']}` (otherwise the step count is sized "
-        "from the measured throughput and the time budget).",
+        f"Seed {record['seed']}, {record['steps']} steps, schedule sized by "
+        f"{record.get('schedule', 'steps')}. To repeat this exact run (same per-step learning "
+        "rates, whatever the machine's load), copy training_record.json out of the output "
+        "directory and pass it as `--replay`; the corpus must be the same stdlib (digest below).",
         "",
         "## Corpus",
         "",
@@ -490,8 +512,9 @@ def write_training_report(out_dir: Path, record: dict) -> None:
         f"windows ({record['settings']['context'] * record['settings']['batch_size']} tokens/step), "
         f"{record['tokens_seen'] / 1e6:.2f} M tokens seen "
         f"({record['tokens_seen'] / record['corpus_tokens']:.2f} epochs)",
-        f"- measured throughput {record['tokens_per_second']:.0f} tokens/s on "
-        f"{record['threads']} threads; training took {record['train_seconds'] / 60:.1f} min",
+        f"- average throughput {record['tokens_per_second']:.0f} tokens/s on "
+        f"{record['threads']} threads (shared machine); training took "
+        f"{record['train_seconds'] / 60:.1f} min",
         f"- matmuls in bf16 autocast: {record['settings']['bf16_autocast']} (fp32 master weights)",
         f"- training loss after the run, on one fresh batch: {record['final_train_loss']:.4f}",
         "",
@@ -518,13 +541,16 @@ def write_training_report(out_dir: Path, record: dict) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m qwen3build.tinymodel.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m qwen3build.tinymodel.train",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output checkpoint directory")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--budget-minutes", type=float, default=10.0,
                         help="wall-clock budget for the training loop (sizes the step count)")
     parser.add_argument("--steps", type=int, default=None,
                         help="exact number of steps (overrides the budget; repeats a run)")
+    parser.add_argument("--replay", type=Path, default=None,
+                        help="a training_record.json: rerun its exact per-step learning rates")
     parser.add_argument("--context", type=int, default=TrainSettings.context)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--intermediate-size", type=int, default=ModelShape.intermediate_size,
@@ -581,7 +607,11 @@ def main(argv=None) -> int:
     config = qwen3_config_dict(shape, eos_id)
     model = build_model(config)
     log.info("model: %.2f M parameters", sum(p.numel() for p in model.parameters()) / 1e6)
-    steps, seconds, tokens_per_second = train(model, stream, settings, args.budget_minutes * 60, args.steps)
+    lr_trace = None
+    if args.replay is not None:
+        lr_trace = json.loads(args.replay.read_text(encoding="utf-8"))["lr_per_step"]
+    steps, seconds, tokens_per_second, lrs = train(model, stream, settings,
+                                                   args.budget_minutes * 60, args.steps, lr_trace)
     final_inputs, final_labels = window_batch(stream, settings.context, settings.batch_size,
                                               torch.Generator().manual_seed(settings.seed + 1))
     with torch.no_grad():
@@ -610,6 +640,9 @@ def main(argv=None) -> int:
         "tokens_per_second": tokens_per_second,
         "train_seconds": seconds,
         "final_train_loss": final_loss,
+        "schedule": ("replay" if args.replay is not None
+                     else "steps" if args.steps is not None else "wall clock"),
+        "lr_per_step": [float(f"{lr:.6g}") for lr in lrs],
     })
     report(out_dir, heldout, settings.context)
     return 0
