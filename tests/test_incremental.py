@@ -130,6 +130,7 @@ def test_doit_list_info_and_clean(workspace):
     assert not list(workspace.out_dir.glob("*.mlpackage"))
 
 
-def test_unbuilt_recipe_is_refused_not_ignored(workspace):
-    result = workspace.doit("build", check=False, RECIPE="lut8")
-    assert result.returncode != 0 and "RECIPE=lut8" in result.stderr
+def test_unknown_recipe_is_refused_in_one_line(workspace):
+    result = workspace.doit("build", check=False, RECIPE="int3")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and "RECIPE='int3'" in lines[0], result.stderr
