@@ -153,3 +153,31 @@ def task_build():
         print(format_table(summary_rows(_artifacts().cache, ids)))
         print(f"packages in {PLAN.settings.OUT_DIR}")
     return {"actions": [summary], "task_dep": ["io_model", "shard", "sampler", "mil"], "uptodate": [False]}
+
+
+def _verify_request():
+    from qwen3build.verify import VERIFY_VARS, request_from_vars
+    return request_from_vars(PLAN, {k: get_var(k) for k in VERIFY_VARS if get_var(k) is not None})
+
+
+def task_verify():
+    """Parity gate: HF fp32 oracle vs torch reference vs the saved packages (docs/verify.md)."""
+    def action():
+        from doit.exceptions import TaskFailed
+        from qwen3build.verify import format_report, run_verify
+        try:
+            request = _verify_request()
+            report = run_verify(PLAN, request.text_path, request.report_path, request.options)
+        except BuildError as error:
+            return TaskFailed(f"qwen3build: {error}")
+        print(format_report(report))
+        if not report["passed"]:
+            return TaskFailed("qwen3build: verify failed: " + "; ".join(report["failures"]))
+
+    def uptodate():
+        from qwen3build.verify import report_is_current
+        try:
+            return report_is_current(PLAN, _verify_request())
+        except BuildError:
+            return False
+    return {"actions": [action], "task_dep": ["build"], "uptodate": [uptodate]}
