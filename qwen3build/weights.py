@@ -44,6 +44,7 @@ GLOBAL_TENSORS = {
     "final_norm": ("model.norm.weight", lambda c: (c.hidden_size,)),
     "lm_head": ("lm_head.weight", lambda c: (c.vocab_size, c.hidden_size)),
 }
+HASH_CHUNK_BYTES = 16 << 20  # hashing reads this much at a time
 _DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
 
 
@@ -149,17 +150,16 @@ class Checkpoint:
                 raise BuildError(f"{name}: shape {entry.shape} in {entry.file.name}, but config.json implies {shape}")
             if entry.dtype not in _DTYPES:
                 raise BuildError(f"{name}: dtype {entry.dtype} is not supported; use BF16, F16 or F32 weights")
-        self._maps: dict[Path, np.memmap] = {}
 
     @property
     def head_name(self) -> str:
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
 
-    def raw_bytes(self, name: str) -> memoryview:
+    def raw_bytes(self, name: str) -> np.ndarray:
+        """The tensor's bytes, read with a positioned read (not a memory map: mapped pages
+        of multi-GB files would stay resident and count against the build's memory)."""
         entry = self.entries[name]
-        if entry.file not in self._maps:
-            self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
-        return memoryview(self._maps[entry.file][entry.begin:entry.end])
+        return np.fromfile(entry.file, dtype=np.uint8, count=entry.end - entry.begin, offset=entry.begin)
 
     def tensor(self, name: str, dtype=np.float32) -> np.ndarray:
         """One tensor as a fresh array (bf16 widened exactly to fp32)."""
@@ -211,14 +211,23 @@ class DigestStore:
         if row and tuple(row[:3]) == (st.st_ino, st.st_size, st.st_mtime_ns):
             return json.loads(row[3])
         digests = {}
-        for name, entry in checkpoint.entries.items():
-            if entry.file != path:
-                continue
-            hasher = xxhash.xxh3_128()
-            hasher.update(f"{entry.dtype}{entry.shape}".encode())
-            hasher.update(checkpoint.raw_bytes(name))
-            self.bytes_hashed += entry.end - entry.begin
-            digests[name] = hasher.hexdigest()
+        buffer = bytearray(HASH_CHUNK_BYTES)
+        with open(path, "rb", buffering=0) as handle:
+            for name, entry in sorted(checkpoint.entries.items(), key=lambda item: item[1].begin):
+                if entry.file != path:
+                    continue
+                hasher = xxhash.xxh3_128()
+                hasher.update(f"{entry.dtype}{entry.shape}".encode())
+                handle.seek(entry.begin)
+                remaining = entry.end - entry.begin
+                while remaining:
+                    got = handle.readinto(memoryview(buffer)[:min(remaining, HASH_CHUNK_BYTES)])
+                    if not got:
+                        raise BuildError(f"{path}: ends inside tensor {name}; the file is truncated")
+                    hasher.update(memoryview(buffer)[:got])
+                    remaining -= got
+                self.bytes_hashed += entry.end - entry.begin
+                digests[name] = hasher.hexdigest()
         with self.db:
             self.db.execute("INSERT OR REPLACE INTO files VALUES (?,?,?,?,?)",
                             (str(path), st.st_ino, st.st_size, st.st_mtime_ns, json.dumps(digests)))
