@@ -109,7 +109,7 @@ def test_external_lut_packs_are_used_and_validated(tmp_path):
 
 def test_palettized_tables_save_bytes_and_change_nothing(tmp_path, gqa_checkpoint):
     plain = DoitWorkspace(tmp_path / "plain", gqa_checkpoint)
-    plain.doit("build", SEQ_LEN=64)
+    plain.doit("build", SEQ_LEN=64, PALETTIZE_MASKS="0")
     palettized = DoitWorkspace(tmp_path / "pal", gqa_checkpoint)
     palettized.doit("build", SEQ_LEN=64, PALETTIZE_MASKS="1")
     for name in ("left", "mid", "right"):
