@@ -128,3 +128,21 @@ def test_palettized_tables_save_bytes_and_change_nothing(tmp_path, gqa_checkpoin
             out = evaluator.predict({"hidden_states": hidden, "position": np.array([position], np.int32)}, state)
         outputs.append(out["output_hidden_states"])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_external_embedding_packs_are_used_and_missing_ones_named(tmp_path):
+    from qwen3build.quant.blockwise import fit_blockwise
+    (tmp_path / "recipes.toml").write_text(RECIPES)
+    ws = DoitWorkspace(tmp_path, make_checkpoint(tmp_path / "ckpt", "q128"))
+    recipe = {"RECIPE": "r4", "RECIPE_FILE": str(tmp_path / "recipes.toml")}
+    omniq = tmp_path / "omniq"
+    omniq.mkdir()
+    missing = ws.doit("io_model", OMNIQ_DIR=str(omniq), check=False, **recipe)
+    lines = [line for line in missing.stderr.splitlines() if line.strip()]
+    assert missing.returncode != 0 and len(lines) == 1 and "embed_tokens.npz" in lines[0]
+    plan = make_plan({**ws.paths()}, environ={})
+    pack = fit_blockwise(plan.checkpoint.tensor("model.embed_tokens.weight"), bits=4, block_size=32)
+    save_pack(omniq / "embed_tokens.npz", pack)
+    ws.doit("io_model", OMNIQ_DIR=str(omniq), **recipe)
+    state = ws.state("quant:embed")
+    assert state["status"] == "rebuilt" and state["packs"]["embed_tokens"]["bits"] == 4  # the external int4 pack, not a fit
