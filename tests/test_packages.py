@@ -10,6 +10,7 @@ from qwen3build.lower import programs, save
 from qwen3build.lower.programs import DenseWeights
 from qwen3build.model_config import load_model_config
 from qwen3build.reference import ReferenceStack
+from qwen3build.runner import PackageBackend, load_stack
 from qwen3build.sampling import DEFAULT_WINDOW as WINDOW, GREEDY, recent_window
 from qwen3build.weights import Checkpoint, resolve_weight_files
 
@@ -66,28 +67,18 @@ def test_builds_are_byte_identical(tmp_path, gqa_checkpoint):
 
 def test_saved_chain_matches_the_reference(built_stack, gqa_checkpoint):
     info = stack_info(built_stack)
-    out = built_stack.out_dir
-    embed = PackageEvaluator(out / "io_model.mlpackage", "embed")
-    head = PackageEvaluator(out / "io_model.mlpackage", "lm_head")
-    sampler = PackageEvaluator(out / "sampler_model.mlpackage")
-    shards = [PackageEvaluator(out / s["package"]) for s in info["shards"]]
-    states = [s.new_state() for s in shards]
+    chain = PackageBackend(load_stack(built_stack.out_dir), "evaluator")  # the chain `run` and verify use
     config = load_model_config(gqa_checkpoint)
     checkpoint = Checkpoint(config, *resolve_weight_files(gqa_checkpoint, None, None, ""))
     reference = ReferenceStack(checkpoint, DenseWeights(checkpoint), parse_layout("preset", config.num_hidden_layers),
                                np.load(info["scales"]), info["seq_len"])
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, TOKENS)
     for position, token in enumerate(tokens):
-        hidden = embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
-        for shard, state in zip(shards, states):
-            hidden = shard.predict({"hidden_states": hidden, "position": np.array([position], np.int32)},
-                                   state)["output_hidden_states"]
-        logits = head.predict({"hidden_states": hidden})["logits"][0].astype(np.float32)
+        logits = chain.forward(int(token), position)[0].astype(np.float32)
         expected = reference.step(int(token), position)
         rel = np.abs(logits - expected).max() / np.abs(expected).max()
         cosine = logits @ expected / np.linalg.norm(logits) / np.linalg.norm(expected)
         assert rel < PACKAGE_MAX_REL_LOGIT_ERROR, (position, rel)
         assert cosine > PACKAGE_MIN_LOGIT_COSINE, (position, cosine)
-        token_out = sampler.predict({"logits": logits[None].astype(np.float16), "recent_tokens": recent_window([], WINDOW),
-                                     "noise": np.zeros((1, config.vocab_size), np.float32), **GREEDY.inputs()})["token"]
-        assert int(token_out[0]) == int(np.argmax(logits.astype(np.float16)))
+        chosen = chain.choose(logits[None].astype(np.float16), recent_window([], WINDOW), GREEDY, None)
+        assert chosen == int(np.argmax(logits.astype(np.float16)))

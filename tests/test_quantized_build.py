@@ -10,6 +10,7 @@ from qwen3build.plan import make_plan
 from qwen3build.quant.lut import fit_grouped_lut
 from qwen3build.quant.packfile import save_pack
 from qwen3build.reference import ReferenceStack
+from qwen3build.runner import PackageBackend, load_stack
 from qwen3build.tasks import weights_provider
 from qwen3build.weights import PROJECTIONS
 
@@ -73,17 +74,10 @@ def test_quantized_chain_matches_the_reference_on_the_same_packs(quant_ws):
     ws = quant_ws
     ws.doit("build", RECIPE="r4", **ws.recipe_vars)
     plan = make_plan({**ws.paths(), "RECIPE": "r4", **ws.recipe_vars}, environ={})
-    stack = json.loads((ws.out_dir / "stack.json").read_text())
     reference = ReferenceStack(plan.checkpoint, weights_provider(plan), plan.layout, np.load(plan.scales_path), plan.settings.SEQ_LEN)
-    embed = PackageEvaluator(ws.out_dir / "io_model.mlpackage", "embed")
-    head = PackageEvaluator(ws.out_dir / "io_model.mlpackage", "lm_head")
-    shards = [PackageEvaluator(ws.out_dir / s["package"]) for s in stack["shards"]]
-    states = [s.new_state() for s in shards]
+    chain = PackageBackend(load_stack(ws.out_dir), "evaluator")
     for position, token in enumerate(np.random.RandomState(0).randint(0, 512, 12)):
-        hidden = embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]
-        for shard, state in zip(shards, states):
-            hidden = shard.predict({"hidden_states": hidden, "position": np.array([position], np.int32)}, state)["output_hidden_states"]
-        logits = head.predict({"hidden_states": hidden})["logits"][0].astype(np.float32)
+        logits = chain.forward(int(token), position)[0].astype(np.float32)
         expected = reference.step(int(token), position)
         assert np.abs(logits - expected).max() / np.abs(expected).max() < QUANT_PACKAGE_MAX_REL_LOGIT_ERROR
 

@@ -315,63 +315,35 @@ class ReferenceRung:
 
 
 class PackageRung:
-    """The saved packages, chained as a deployment runs them, each loaded from disk."""
+    """The saved packages, chained as a deployment runs them (runner.PackageBackend: the
+    same chain `qwen3build run` uses), each loaded from disk."""
 
     name = "packages"
+    sampler = "sampler_model (temperature 0)"
 
     def __init__(self, plan, stack: dict, backend: str):
-        from ..runtime import open_package
-        out = plan.settings.OUT_DIR
+        from ..runner import PackageBackend, load_stack
+        from ..runtime import available_backends
+        if backend == "auto":
+            backend = "coreml" if "coreml" in available_backends() else "evaluator"
         try:
-            self.embed = open_package(out / stack["io_model"], "embed", backend)
-            self.head = open_package(out / stack["io_model"], "lm_head", backend)
-            self.shards = [open_package(out / s["package"], None, backend) for s in stack["shards"]]
-            self.sampler_model = open_package(out / stack["sampler"], None, backend)
+            self.chain = PackageBackend(load_stack(plan.settings.OUT_DIR), backend)
         except (RuntimeError, ValueError) as exc:
-            raise BuildError(f"packages in {out}: cannot open with backend {backend!r}: {exc}") from None
-        self.backend = self.embed.backend
-        self.sampler, self._sampler_inputs = self._greedy_sampler_inputs()
+            raise BuildError(f"packages in {plan.settings.OUT_DIR}: cannot open with backend {backend!r}: {exc}") from None
+        self.backend = backend
         self.reset()
 
-    def _greedy_sampler_inputs(self) -> tuple[str, dict]:
-        """Greedy rollouts go through sampler_model: either the plain greedy one (logits -> token)
-        or the full sampler with its greedy settings (temperature 0, no penalty, no coherence)."""
-        names = set(self.sampler_model.inputs)
-        if names == {"logits"}:
-            return "sampler_model", {}
-        try:
-            from .. import sampling
-            fixed = dict(sampling.GREEDY.inputs())
-            padding = sampling.PADDING_TOKEN
-        except (ImportError, AttributeError):
-            fixed, padding = {}, -1
-        for name, (shape, dtype) in self.sampler_model.inputs.items():
-            if name == "recent_tokens":
-                fixed[name] = np.full(shape, padding, dtype)   # empty window: no penalty
-            elif name == "noise":
-                fixed[name] = np.full(shape, 0.5, dtype)       # unused when greedy; a finite draw
-        if names - {"logits"} != set(fixed):
-            log.warning("sampler_model takes %s: verify knows no greedy setting for it; greedy rollouts use "
-                        "argmax of the logits", sorted(names))
-            return "argmax", {}
-        return "sampler_model (temperature 0)", fixed
-
     def reset(self) -> None:
-        self.states = [shard.new_state() for shard in self.shards]
+        self.chain.reset()
 
     def step(self, token: int, position: int) -> np.ndarray:
-        hidden = self.embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]  # (1, 1, H)
-        where = np.array([position], np.int32)
-        for shard, state in zip(self.shards, self.states):
-            hidden = shard.predict({"hidden_states": hidden, "position": where}, state)["output_hidden_states"]
-        return np.asarray(self.head.predict({"hidden_states": hidden})["logits"][0], np.float32)  # (V,)
+        return np.asarray(self.chain.forward(token, position)[0], np.float32)  # (V,)
 
     def next_token(self, logits: np.ndarray) -> int:
-        if self.sampler == "argmax":
-            return int(np.argmax(logits))
-        inputs = {"logits": logits[None].astype(np.float16), **self._sampler_inputs}
-        token = self.sampler_model.predict(inputs)["token"]
-        return int(np.asarray(token).reshape(-1)[0])
+        """Greedy through sampler_model itself: temperature 0, empty window, no penalty."""
+        from ..sampling import GREEDY, recent_window
+        window = recent_window([], self.chain.window)
+        return self.chain.choose(logits[None].astype(np.float16), window, GREEDY, None)
 
     def threads(self):
         return contextlib.nullcontext()
