@@ -108,8 +108,24 @@ def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Pla
     if settings.OMNIQ_DIR is not None and not settings.OMNIQ_DIR.is_dir():
         raise BuildError(f"OMNIQ_DIR={settings.OMNIQ_DIR} is not a directory of embed_tokens.npz / lm_head.npz packs")
     plan = Plan(settings, config, layout, tuple(files), index, recipe)
+    _check_recipe_fits(plan)
     _check_external_packs(plan)
     return plan
+
+
+def _check_recipe_fits(plan: Plan) -> None:
+    """Every quantized matrix splits into whole LUT groups / blockwise blocks."""
+    from .weights import LAYER_TENSORS
+    recipe, config = plan.recipe, plan.config
+    for layer in plan.quantized_layers():
+        for kind, bits in recipe.layer_allocation(layer, config.num_hidden_layers).items():
+            rows = LAYER_TENSORS[kind][1](config)[0]
+            if bits and rows % recipe.group_size:
+                raise BuildError(f"RECIPE={recipe.name}: {kind} has {rows} output channels, not a multiple of the LUT "
+                                 f"group_size {recipe.group_size}; use RECIPE=fp16 or a recipe with a group_size dividing it")
+    if recipe.embed_bits and config.hidden_size % recipe.embed_block_size:
+        raise BuildError(f"RECIPE={recipe.name}: hidden size {config.hidden_size} is not a multiple of the embedding "
+                         f"block size {recipe.embed_block_size}; use a recipe without embed_bits")
 
 
 def _check_external_packs(plan: Plan) -> None:

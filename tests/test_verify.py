@@ -65,7 +65,7 @@ def peaked_checkpoint(directory: Path, shape: str, seed: int, **overrides) -> Pa
 
 def settings_for(config_path: Path, root: Path, seq_len: int, shards: str = "preset") -> dict:
     art = root / "artifacts"
-    return {"CONFIG": str(config_path), "SEQ_LEN": str(seq_len), "SHARDS": shards,
+    return {"CONFIG": str(config_path), "SEQ_LEN": str(seq_len), "SHARDS": shards, "RECIPE": "fp16",
             "OUT_DIR": str(art / "coreml" / "packages"), "MIL_DIR": str(art / "coreml" / "mil"),
             "TMP_DIR": str(art / ".tmp"), "CACHE_DIR": str(root / "cache")}
 
@@ -172,7 +172,8 @@ def test_threshold_errors_are_one_line(tmp_path, text, match):
 
 
 def test_request_from_vars(tmp_path, gqa_checkpoint):
-    plan = make_plan({"CONFIG": str(gqa_checkpoint), "SEQ_LEN": "64", "OUT_DIR": str(tmp_path / "a/coreml/packages")},
+    plan = make_plan({"CONFIG": str(gqa_checkpoint), "SEQ_LEN": "64", "RECIPE": "fp16",
+                      "OUT_DIR": str(tmp_path / "a/coreml/packages")},
                      environ={})
     request = request_from_vars(plan, {"WINDOWS": "128,seq_len", "MAX_WINDOWS": "3", "RUNGS": "packages",
                                        "TEXT": str(tmp_path / "t.txt")}, environ={"PACKAGE_POSITIONS": "64"})
@@ -305,7 +306,7 @@ def test_oracle_reads_weights_kept_apart_from_config(tmp_path, unusual_stack):
     apart.mkdir()
     shutil.copy(unusual_stack.settings.CONFIG.with_name("model.safetensors"), apart / "w.safetensors")
     plan = make_plan({"CONFIG": str(unusual_stack.settings.CONFIG), "WEIGHTS": str(apart / "w.safetensors"),
-                      "SEQ_LEN": "48"}, environ={})
+                      "SEQ_LEN": "48", "RECIPE": "fp16"}, environ={})
     tokens = np.arange(10) + 3
     standard, separate = Oracle(unusual_stack), Oracle(plan)
     torch.testing.assert_close(standard.hidden_states(tokens), separate.hidden_states(tokens), rtol=0, atol=0)
