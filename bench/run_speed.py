@@ -34,7 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     stack = load_stack(args.models_dir or default_models_dir())
     prompt = np.random.RandomState(0).randint(3, min(stack.vocab_size, 2000), args.prompt_tokens).tolist()
-    print(f"stack: {stack.layout_text()}, SEQ_LEN {stack.seq_len}, vocab {stack.vocab_size}; "
+    print(f"stack: {stack.layout_text}, SEQ_LEN {stack.seq_len}, vocab {stack.vocab_size}; "
           f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new, greedy")
     print(f"{'backend':10s} {'TTFT s':>8s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
     for name in args.backends.split(","):
