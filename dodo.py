@@ -45,14 +45,21 @@ def _artifacts():
     return _ARTIFACTS
 
 
-def _run(artifact_id):
+def _reporting_user_errors(function):
+    """A doit action: a BuildError becomes a one-line TaskFailed (see doit_reporter)."""
     def action():
         try:
-            _artifacts().run(artifact_id)
+            return function()
         except BuildError as error:
             from doit.exceptions import TaskFailed
             return TaskFailed(f"qwen3build: {error}")
     return action
+
+
+def _run(artifact_id):
+    def run():
+        _artifacts().run(artifact_id)
+    return _reporting_user_errors(run)
 
 
 class _KeyCheck:
@@ -85,12 +92,7 @@ def _keyed_task(artifact_id, doc, task_dep, outputs):
 
 def task_weights():
     """Per-tensor digests of the checkpoint (re-hashes only files whose stat changed)."""
-    def action():
-        try:
-            _artifacts().weights_action()
-        except BuildError as error:
-            from doit.exceptions import TaskFailed
-            return TaskFailed(f"qwen3build: {error}")
+    action = _reporting_user_errors(lambda: _artifacts().weights_action())
     return {"actions": [action], "uptodate": [lambda: _artifacts().weights_uptodate()],
             "targets": [str(PLAN.manifest_path)], "clean": [_clean([PLAN.manifest_path])]}
 
@@ -162,17 +164,15 @@ def _verify_request():
 
 def task_verify():
     """Parity gate: HF fp32 oracle vs torch reference vs the saved packages (docs/verify.md)."""
-    def action():
+    def verify():
         from doit.exceptions import TaskFailed
         from qwen3build.verify import format_report, run_verify
-        try:
-            request = _verify_request()
-            report = run_verify(PLAN, request.text_path, request.report_path, request.options)
-        except BuildError as error:
-            return TaskFailed(f"qwen3build: {error}")
+        request = _verify_request()
+        report = run_verify(PLAN, request.text_path, request.report_path, request.options)
         print(format_report(report))
         if not report["passed"]:
             return TaskFailed("qwen3build: verify failed: " + "; ".join(report["failures"]))
+    action = _reporting_user_errors(verify)
 
     def uptodate():
         from qwen3build.verify import report_is_current

@@ -140,7 +140,7 @@ class ActionCache:
         staging.mkdir()
         try:
             for i, path in enumerate(built):
-                os.rename(path, staging / f"out{i}") if _same_fs(path, staging) else shutil.move(path, staging / f"out{i}")
+                shutil.move(path, staging / f"out{i}")  # a rename when TMP_DIR and cache share a disk
             (staging / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
             try:
                 os.rename(staging, entry)
@@ -149,10 +149,3 @@ class ActionCache:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    try:
-        return a.stat().st_dev == b.stat().st_dev
-    except OSError:
-        return False

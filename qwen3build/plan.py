@@ -13,7 +13,7 @@ from pathlib import Path
 from .config import ANE_MAX_LAYERS_PER_SHARD, Settings, ShardSpec, load_settings, parse_layout
 from .errors import BuildError
 from .model_config import ModelConfig, load_model_config
-from .recipes import Recipe, load_recipe
+from .recipes import Recipe, embed_pack_names, layer_pack_dir, load_recipe
 from .weights import Checkpoint, resolve_weight_files
 
 log = logging.getLogger(__name__)
@@ -132,15 +132,16 @@ def _check_external_packs(plan: Plan) -> None:
     """Every pack LUT_DIR / OMNIQ_DIR must supply exists (contents are validated when used)."""
     depth = plan.config.num_hidden_layers
     if plan.settings.LUT_DIR is not None:
-        missing = [f"layer{layer:02d}/{kind}.npz" for layer in plan.quantized_layers()
+        missing = [str(layer_pack_dir(plan.settings.LUT_DIR, layer).relative_to(plan.settings.LUT_DIR) / f"{kind}.npz")
+                   for layer in plan.quantized_layers()
                    for kind, bits in plan.recipe.layer_allocation(layer, depth).items()
-                   if bits and not (plan.settings.LUT_DIR / f"layer{layer:02d}" / f"{kind}.npz").is_file()]
+                   if bits and not (layer_pack_dir(plan.settings.LUT_DIR, layer) / f"{kind}.npz").is_file()]
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise BuildError(f"LUT_DIR={plan.settings.LUT_DIR} lacks {', '.join(missing[:3])}{more} "
                              f"needed by RECIPE={plan.recipe.name}; see docs/quantization.md for the layout")
     if plan.settings.OMNIQ_DIR is not None and plan.recipe.embed_bits:
-        names = ["embed_tokens"] + ([] if plan.config.tie_word_embeddings else ["lm_head"])
+        names = embed_pack_names(plan.config.tie_word_embeddings)
         missing = [f"{n}.npz" for n in names if not (plan.settings.OMNIQ_DIR / f"{n}.npz").is_file()]
         if missing:
             raise BuildError(f"OMNIQ_DIR={plan.settings.OMNIQ_DIR} lacks {', '.join(missing)} needed by RECIPE={plan.recipe.name}")

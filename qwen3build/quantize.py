@@ -20,21 +20,10 @@ from .lower.programs import DenseWeights
 from .quant.blockwise import BlockwisePack, fit_blockwise
 from .quant.lut import LutPack, fit_grouped_lut
 from .quant.packfile import load_pack, save_pack
-from .recipes import Recipe
+from .recipes import EMBED_PACKS, Recipe, embed_pack_names, layer_pack_dir as layer_dir
 from .weights import layer_tensor_name
 
 log = logging.getLogger(__name__)
-
-EMBED_PACKS = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
-
-
-def layer_dir(quant_root: Path, layer: int) -> Path:
-    return quant_root / f"layer{layer:02d}"
-
-
-def embed_pack_names(tied: bool) -> list[str]:
-    return ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
-
 
 def _check_group(recipe: Recipe, name: str, shape) -> None:
     if shape[0] % recipe.group_size:

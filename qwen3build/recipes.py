@@ -17,6 +17,17 @@ from .quant.lut import ALLOWED_BITS as LUT_BITS, DEFAULT_GROUP_SIZE
 from .weights import PROJECTIONS
 
 EMBED_BLOCK_SIZE = 32
+# Embedding/head pack file names -> the checkpoint tensor each one quantizes.
+EMBED_PACKS = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
+
+
+def layer_pack_dir(root: Path, layer: int) -> Path:
+    """Where layer `layer`'s <kind>.npz packs live under a pack root (ours or LUT_DIR)."""
+    return root / f"layer{layer:02d}"
+
+
+def embed_pack_names(tied: bool) -> list[str]:
+    return ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,10 +16,11 @@ from typing import Callable
 
 import numpy as np
 
-from .cache import RUN_ID_ENV, ActionCache, replace_atomically, tree_size
+from .cache import RUN_ID_ENV, ActionCache, remove_path, replace_atomically, tree_size
 from .config import ANE_MAX_PACKAGE_BYTES
 from .hashing import action_key, digest_bytes
 from .plan import IO_MODEL, SAMPLER, Plan
+from .recipes import embed_pack_names, layer_pack_dir
 from .weights import DigestStore, LAYER_TENSORS, layer_tensor_name, stat_signature
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,12 @@ class Artifacts:
         s = plan.settings
         self.cache = ActionCache(s.CACHE_DIR, s.TMP_DIR, plan.state_dir)
         self._manifest = None
+        self._keys: dict[str, str] = {}
 
     # ------------------------------------------------------------ weights
     def weights_uptodate(self) -> bool:
         try:
-            manifest = json.loads(self.plan.manifest_path.read_text())
+            manifest = self.manifest()
         except (OSError, ValueError):
             return False
         return manifest.get("stat") == stat_signature(self.plan.stat_inputs)
@@ -76,6 +78,7 @@ class Artifacts:
                     "tensors": dict(sorted(digests.items()))}
         _write_json_if_changed(plan.manifest_path, manifest)
         self._manifest = manifest
+        self._keys.clear()  # keys read the manifest
         self.cache.write_state("weights", {"status": "rebuilt", "bytes_hashed": store.bytes_hashed,
                                             "seconds": round(time.perf_counter() - started, 3),
                                             "run_id": os.environ.get(RUN_ID_ENV, ""), "key": ""})
@@ -105,30 +108,36 @@ class Artifacts:
             return self._sampler()
         raise KeyError(artifact_id)
 
+    def key(self, artifact_id: str) -> str:
+        """The artifact's key, computed once per process. Only call it once the artifact's
+        upstream tasks have run (doit evaluates uptodate after task_dep)."""
+        if artifact_id not in self._keys:
+            self._keys[artifact_id] = self.spec(artifact_id).key()
+        return self._keys[artifact_id]
+
     def uptodate(self, artifact_id: str) -> bool:
         spec = self.spec(artifact_id)
         try:
-            key = spec.key()
+            key = self.key(artifact_id)
         except (OSError, KeyError, ValueError):  # an input is not built yet (e.g. `doit info` first)
             return False
         return self.cache.is_current(artifact_id, key, spec.outputs)
 
     def run(self, artifact_id: str) -> dict:
         spec = self.spec(artifact_id)
-        key = spec.key()
+        key = self.key(artifact_id)
         if self.cache.is_current(artifact_id, key, spec.outputs):
             return self.cache.read_state(artifact_id)
         return self.cache.run(artifact_id, key, spec.outputs, spec.build)
 
     def _current_key(self, artifact_id: str) -> str:
         """The key an upstream artifact has now (its outputs are what we read)."""
-        return self.spec(artifact_id).key()
+        return self.key(artifact_id)
 
     # -- quantization packs: quant:layerNN (projections) and quant:embed
     def _quant(self, name: str) -> ArtifactSpec:
         plan = self.plan
         recipe = plan.recipe
-        from .quantize import embed_pack_names, layer_dir, make_embed_packs, make_layer_packs
         if name == "embed":
             external = plan.settings.OMNIQ_DIR
             out = plan.quant_dir / "embed"
@@ -142,6 +151,7 @@ class Artifacts:
                                   tensors={} if external else self.tensor_digests(names), inputs={"external": files})
 
             def build(outputs):
+                from .quantize import make_embed_packs
                 return {"packs": make_embed_packs(plan.checkpoint, recipe, outputs[0], external)}
             return ArtifactSpec([out], key, build)
 
@@ -151,7 +161,7 @@ class Artifacts:
         kinds = [kind for kind, bits in allocation.items() if bits]
 
         def key():
-            files = {k: digest_bytes((layer_dir(external, layer) / f"{k}.npz").read_bytes()) if external else None
+            files = {k: digest_bytes((layer_pack_dir(external, layer) / f"{k}.npz").read_bytes()) if external else None
                      for k in kinds}
             return action_key("quant-layer", code=("qwen3build.quantize",),
                               settings={"bits": allocation, "group_size": recipe.group_size},
@@ -159,8 +169,9 @@ class Artifacts:
                               inputs={"external": files})
 
         def build(outputs):
+            from .quantize import make_layer_packs
             return {"packs": make_layer_packs(plan.checkpoint, recipe, layer, outputs[0], external)}
-        return ArtifactSpec([layer_dir(plan.quant_dir, layer)], key, build)
+        return ArtifactSpec([layer_pack_dir(plan.quant_dir, layer)], key, build)
 
     # -- SLaNC scales
     def _slanc(self) -> ArtifactSpec:
@@ -182,10 +193,9 @@ class Artifacts:
                     from .errors import BuildError
                     raise BuildError(f"SCALES={external}: cannot read ({exc}); give a .npy of shape (layers + 1, 4)") from None
                 scales = validate_scales(scales, plan.config.num_hidden_layers, f"SCALES={external}")
-                info = {"source": str(external)}
             else:
                 depth = plan.config.num_hidden_layers
-                scales, info = compute_slanc_scales(
+                scales, _estimates = compute_slanc_scales(
                     plan.checkpoint, progress=lambda layer: log.info("  slanc: layer %d/%d", layer + 1, depth))
             with open(outputs[0], "wb") as handle:
                 np.save(handle, scales)
@@ -277,7 +287,6 @@ class Artifacts:
                 texts.append(f"// function {function}\n{save.mil_text(model)}")
             save.save_multifunction(parts, "embed", outputs[0])
             for part in parts.values():
-                from .cache import remove_path
                 remove_path(part)
             outputs[1].write_text("\n".join(texts))
             return {"functions": list(parts), "bpw": round(weights.table_bits(), 3)}
@@ -329,7 +338,6 @@ def finalize_stack(artifacts: Artifacts) -> dict:
     for stale in sorted(out_dir.glob("decoder_shard_*.mlpackage")):
         name = stale.name[: -len(".mlpackage")]
         if name not in current:
-            from .cache import remove_path
             remove_path(stale)
             remove_path(plan.mil_path(name))
             log.info("removed %s: not in the current SHARDS layout (still restorable from cache/)", stale.name)

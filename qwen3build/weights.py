@@ -166,11 +166,7 @@ class Checkpoint:
         entry = self.entries[name]
         storage, _ = _DTYPES[entry.dtype]
         raw = np.frombuffer(self.raw_bytes(name), dtype=storage).reshape(entry.shape)
-        if entry.dtype == "BF16":
-            # bf16 is the top half of an fp32: widen by shifting into the high 16 bits.
-            wide = (raw.astype(np.uint32) << 16).view(np.float32)
-            return wide.astype(dtype, copy=False)
-        return raw.astype(dtype)
+        return _widen(raw, entry.dtype).astype(dtype, copy=False)
 
     def tensor_fp16(self, name: str, rows_per_block: int = 8192) -> np.ndarray:
         """One tensor as fp16, converted in row blocks (no full-size fp32 copy).
@@ -182,16 +178,18 @@ class Checkpoint:
         out = np.empty(entry.shape, dtype=np.float16)
         flat_raw, flat_out = raw.reshape(raw.shape[0], -1), out.reshape(out.shape[0], -1)
         for start in range(0, flat_raw.shape[0], rows_per_block):
-            block = flat_raw[start:start + rows_per_block]
-            if entry.dtype == "BF16":
-                block = (block.astype(np.uint32) << 16).view(np.float32)
-            flat_out[start:start + rows_per_block] = block
+            flat_out[start:start + rows_per_block] = _widen(flat_raw[start:start + rows_per_block], entry.dtype)
         if not np.all(np.isfinite(out)):
             raise BuildError(f"{name}: values beyond fp16 range (|x| > 65504); this checkpoint cannot be lowered to fp16")
         return out
 
     def layer(self, layer: int, kind: str, dtype=np.float32) -> np.ndarray:
         return self.tensor(layer_tensor_name(layer, kind), dtype)
+
+
+def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as numbers: bf16 is the top half of an fp32, widened exactly by a shift."""
+    return (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw
 
 
 # ---------------------------------------------------------------- digests

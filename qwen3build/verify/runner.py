@@ -322,10 +322,8 @@ class PackageRung:
     sampler = "sampler_model (temperature 0)"
 
     def __init__(self, plan, stack: dict, backend: str):
-        from ..runner import PackageBackend, load_stack
-        from ..runtime import available_backends
-        if backend == "auto":
-            backend = "coreml" if "coreml" in available_backends() else "evaluator"
+        from ..runner import PackageBackend, load_stack, resolve_backend
+        backend = resolve_backend(backend)
         try:
             self.chain = PackageBackend(load_stack(plan.settings.OUT_DIR), backend)
         except (RuntimeError, ValueError) as exc:
