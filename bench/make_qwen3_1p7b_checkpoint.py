@@ -22,7 +22,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from qwen3build.tinymodel.synth import QWEN3_1P7B_CONFIG, write_random_qwen3_checkpoint  # noqa: E402
+from tinymodel.synth import QWEN3_1P7B_CONFIG, write_random_qwen3_checkpoint  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "out" / "qwen3-1p7b"
 SHARD_BYTES = 2 * 1000 ** 3  # ~2 GB shards, as Qwen releases are cut

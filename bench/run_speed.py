@@ -5,7 +5,7 @@
         --prompt-tokens 8 --new-tokens 8 --backends torch,evaluator
 
 Feeds a fixed pseudo-random prompt of token ids (so it works on checkpoints that ship no
-tokenizer, like the 1.7B-shaped bench checkpoint) through runner.generate, greedy, and
+tokenizer, like the 1.7B-shaped bench checkpoint) through runtime.generate.generate, greedy, and
 prints time to first token, prefill and decode tokens/s per backend (median of --repeat).
 """
 from __future__ import annotations
@@ -20,8 +20,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qwen3build.runner import default_models_dir, generate, load_stack, open_backend  # noqa: E402
-from qwen3build.sampling import GREEDY  # noqa: E402
+from qwen3build.cli import default_models_dir  # noqa: E402
+from qwen3build.runtime.backends import open_backend  # noqa: E402
+from qwen3build.runtime.generate import generate  # noqa: E402
+from qwen3build.stack import load_stack  # noqa: E402
+from qwen3build.graph.sampler import GREEDY  # noqa: E402
 
 
 def main() -> int:

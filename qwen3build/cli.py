@@ -38,7 +38,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def _add_run_parser(subparsers) -> None:
-    from .runner import BACKENDS
+    from .runtime.backends import BACKENDS
 
     run = subparsers.add_parser("run", help="generate text with a built stack",
                                 description="Generate text with a built stack (see docs/run.md).")
@@ -79,7 +79,7 @@ def sampler_settings(args) -> tuple:
     """(SamplerSettings, seed) from the options; refuses sampling options in greedy mode."""
     import secrets
 
-    from .sampling import DEFAULT_COHERENCE, DEFAULT_MIN_P, DEFAULT_TEMPERATURE, SamplerSettings
+    from .graph.sampler import DEFAULT_COHERENCE, DEFAULT_MIN_P, DEFAULT_TEMPERATURE, SamplerSettings
 
     penalty = 1.0 if args.repetition_penalty is None else args.repetition_penalty
     if args.decode_mode == "greedy":
@@ -104,10 +104,23 @@ def sampler_settings(args) -> tuple:
     return settings, (secrets.randbits(32) if args.seed is None else args.seed)
 
 
+def default_models_dir():
+    """OUT_DIR of the default build: qwen3build.toml's, or the OUT_DIR environment variable."""
+    import os
+    from pathlib import Path
+
+    from .paths import DEFAULTS_FILE
+    from .settings.defaults import read_defaults
+    out_dir = os.environ.get("OUT_DIR") or read_defaults().settings["OUT_DIR"]
+    return (DEFAULTS_FILE.parent / Path(out_dir).expanduser()).resolve()
+
+
 def run_command(args) -> int:
     from pathlib import Path
 
-    from . import runner
+    from .paths import STACK_FILE
+    from .runtime import backends, generate, text
+    from .stack import load_stack
 
     if args.max_new_tokens < 1:
         raise BuildError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
@@ -117,29 +130,29 @@ def run_command(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise BuildError("--prompt is empty; give the text to continue")
-    models_dir = Path(args.models_dir) if args.models_dir else runner.default_models_dir()
-    stack = runner.load_stack(models_dir)
+    models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
+    stack = load_stack(models_dir)
     tokenizer = Path(args.tokenizer) if args.tokenizer else stack.tokenizer
     if tokenizer is None:
-        raise BuildError(f"{models_dir / runner.STACK_FILE} names no tokenizer (the checkpoint has no "
+        raise BuildError(f"{models_dir / STACK_FILE} names no tokenizer (the checkpoint has no "
                          f"tokenizer.json); pass --tokenizer path/to/tokenizer.json")
-    codec = runner.TextCodec(tokenizer)
+    codec = text.TextCodec(tokenizer)
     use_template = bool(codec.chat_template) and not args.no_chat_template
     prompt_ids = codec.encode_prompt(prompt, use_chat_template=use_template)
     if max(prompt_ids, default=0) >= stack.vocab_size:
         raise BuildError(f"tokenizer {codec.path} produced id {max(prompt_ids)} but the model's vocabulary has "
                          f"{stack.vocab_size} entries: wrong --tokenizer for this stack")
-    backend = runner.open_backend(stack, args.backend)
+    backend = backends.open_backend(stack, args.backend)
     mode = "greedy" if settings.greedy else (
         f"sample (temperature {settings.temperature}, min-p {settings.min_p}, coherence {settings.coherence}, "
         f"seed {seed})")
     log.info("backend: %s (%s); %s; repetition penalty %s over the last %d tokens; prompt %d tokens%s",
              backend.name, backend.description, mode, settings.repetition_penalty, backend.window,
              len(prompt_ids), " (chat template applied)" if use_template else "")
-    stream = runner.TextStream(codec, args.stream_mode)
-    generation = runner.generate(
+    stream = text.TextStream(codec, args.stream_mode)
+    generation = generate.generate(
         backend, prompt_ids, settings, args.max_new_tokens, stack.eos_token_ids, stack.seq_len, seed=seed,
-        on_token=stream, on_prefill=runner.PrefillProgress() if args.prefill_progress else None)
+        on_token=stream, on_prefill=text.PrefillProgress() if args.prefill_progress else None)
     stream.finish()
     message = STOP_MESSAGES[generation.stop_reason].format(max_new_tokens=args.max_new_tokens, seq_len=stack.seq_len)
     (log.warning if generation.stop_reason == "context" else log.info)("%s (%d tokens generated)",
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(logging.INFO if args.verbose else logging.WARNING)
-    for name in ("qwen3build.cli", "qwen3build.runner"):
+    for name in ("qwen3build.cli", "qwen3build.runtime"):
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.handler(args)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen3build.tinymodel.synth import write_random_qwen3_checkpoint
+from tinymodel.synth import write_random_qwen3_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 

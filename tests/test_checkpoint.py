@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from qwen3build.errors import BuildError
-from qwen3build.model_config import load_model_config
-from qwen3build.weights import Checkpoint, DigestStore, resolve_weight_files
+from qwen3build.settings.model_config import load_model_config
+from qwen3build.checkpoint.digests import DigestStore
+from qwen3build.checkpoint.reader import Checkpoint, resolve_weight_files
 
 from conftest import make_checkpoint
 

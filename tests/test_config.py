@@ -1,8 +1,10 @@
 """Settings precedence and decoder-layout validation (one-line errors, before any work)."""
 import pytest
 
-from qwen3build.config import load_settings, parse_layout, parse_seq_len, preset_layout
+from qwen3build.settings.layout import parse_layout, preset_layout
+from qwen3build.settings.settings import load_settings, parse_seq_len
 from qwen3build.errors import BuildError
+from qwen3build.paths import DEFAULTS_FILE
 
 
 def test_preset_is_the_seed_split_at_28_layers():
@@ -63,7 +65,9 @@ def test_precedence_defaults_then_environment_then_doit_vars(tmp_path):
     defaults = tmp_path / "qwen3build.toml"
     config = tmp_path / "config.json"
     config.write_text("{}")
-    defaults.write_text('CONFIG = "config.json"\nSEQ_LEN = 4096\nSHARDS = "preset"\n[recipes.fp16]\n')
+    shipped = DEFAULTS_FILE.read_text().split("[verify.")[0]  # every flat setting, as shipped
+    defaults.write_text(shipped.replace('CONFIG = "assets/qwen3-tiny/config.json"', 'CONFIG = "config.json"')
+                        .replace('RECIPE = "default"', 'RECIPE = "fp16"') + "\n[recipes.fp16]\n")
     assert load_settings({}, {}, defaults).SEQ_LEN == 4096
     assert load_settings({}, {"SEQ_LEN": "1024"}, defaults).SEQ_LEN == 1024
     assert load_settings({"SEQ_LEN": "512"}, {"SEQ_LEN": "1024"}, defaults).SEQ_LEN == 512

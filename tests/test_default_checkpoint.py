@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from qwen3build.tinymodel import DEFAULT_CHECKPOINT_DIR, HELDOUT_TEXT_PATH  # noqa: E402
-from qwen3build.tinymodel import synth, train  # noqa: E402
+from qwen3build.paths import DEFAULT_CHECKPOINT_DIR, HELDOUT_TEXT_PATH  # noqa: E402
+from tinymodel import synth, train  # noqa: E402
 
 # Thresholds, each with its reason.
 MAX_CHECKPOINT_BYTES = 25 * 1000 ** 2   # the repo carries it: keep clones cheap

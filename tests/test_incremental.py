@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from qwen3build.weights import read_safetensors_header
+from qwen3build.checkpoint.reader import read_safetensors_header
 
 from conftest import DoitWorkspace, make_checkpoint
 
@@ -99,6 +99,12 @@ def test_single_shard_task_builds_only_what_it_needs(workspace):
     assert workspace.status("slanc") == "rebuilt"
     for other in ("io_model", "shard:left", "shard:right", "sampler_model"):
         assert workspace.status(other) == "missing", other
+    # Built into the cache; nothing is published until the whole stack is (`doit build`).
+    key = workspace.state("shard:mid")["key"]
+    assert (workspace.root / "cache" / "actions" / key[:2] / key / "out" / "decoder_shard_mid.mlpackage").is_dir()
+    assert not workspace.out_dir.exists()
+    workspace.doit("build", SEQ_LEN=SEQ_A)
+    assert workspace.status("shard:mid") == "restored" and workspace.status("shard:left") == "rebuilt"
     assert (workspace.out_dir / "decoder_shard_mid.mlpackage" / "Manifest.json").is_file()
 
 

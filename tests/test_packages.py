@@ -2,17 +2,17 @@
 import json
 
 import numpy as np
-import pytest
 
-from qwen3build.config import parse_layout
-from qwen3build.evaluator import PackageEvaluator, load_function
-from qwen3build.lower import programs, save
-from qwen3build.lower.programs import DenseWeights
-from qwen3build.model_config import load_model_config
-from qwen3build.reference import ReferenceStack
-from qwen3build.runner import PackageBackend, load_stack
-from qwen3build.sampling import DEFAULT_WINDOW as WINDOW, GREEDY, recent_window
-from qwen3build.weights import Checkpoint, resolve_weight_files
+from qwen3build.settings.layout import parse_layout
+from qwen3build.evaluator import load_function
+from qwen3build.lower.mil import programs, save
+from qwen3build.quant.provider import PackedWeights
+from qwen3build.settings.model_config import load_model_config
+from qwen3build.lower.torch.reference import ReferenceStack
+from qwen3build.runtime.backends import PackageBackend
+from qwen3build.stack import load_stack
+from qwen3build.graph.sampler import DEFAULT_WINDOW as WINDOW, GREEDY, recent_window
+from qwen3build.checkpoint.reader import Checkpoint, resolve_weight_files
 
 # Packages compute in fp16, the reference in fp32 on the same fp16 constants.
 PACKAGE_MAX_REL_LOGIT_ERROR = 1e-2
@@ -57,7 +57,8 @@ def test_builds_are_byte_identical(tmp_path, gqa_checkpoint):
     scales = np.ones((config.num_hidden_layers + 1, 4), np.float32)
     digests = []
     for attempt in range(2):
-        model = save.convert(programs.shard_program(checkpoint, DenseWeights(checkpoint), spec, scales, 16, False))
+        weights = PackedWeights.dense(checkpoint, config.tie_word_embeddings)
+        model = save.convert(programs.shard_program(checkpoint, weights, config, spec, scales, 16, False))
         save.save_package(model, tmp_path / f"s{attempt}.mlpackage")
         digests.append(sorted((p.relative_to(tmp_path / f"s{attempt}.mlpackage").as_posix(), p.read_bytes())
                               for p in (tmp_path / f"s{attempt}.mlpackage").rglob("*") if p.is_file()))
@@ -70,8 +71,9 @@ def test_saved_chain_matches_the_reference(built_stack, gqa_checkpoint):
     chain = PackageBackend(load_stack(built_stack.out_dir), "evaluator")  # the chain `run` and verify use
     config = load_model_config(gqa_checkpoint)
     checkpoint = Checkpoint(config, *resolve_weight_files(gqa_checkpoint, None, None, ""))
-    reference = ReferenceStack(checkpoint, DenseWeights(checkpoint), parse_layout("preset", config.num_hidden_layers),
-                               np.load(info["scales"]), info["seq_len"])
+    reference = ReferenceStack(checkpoint, PackedWeights.dense(checkpoint, config.tie_word_embeddings), config,
+                               parse_layout("preset", config.num_hidden_layers),
+                               np.load(load_stack(built_stack.out_dir).scales_path), info["seq_len"])
     tokens = np.random.RandomState(0).randint(0, config.vocab_size, TOKENS)
     for position, token in enumerate(tokens):
         logits = chain.forward(int(token), position)[0].astype(np.float32)

@@ -12,7 +12,7 @@ from coremltools.converters.mil.mil import types  # noqa: E402
 
 from qwen3build.quant.blockwise import fit_blockwise  # noqa: E402
 from qwen3build.quant.lut import fit_grouped_lut  # noqa: E402
-from qwen3build.quant.mil_emit import (  # noqa: E402
+from qwen3build.lower.mil.quant import (  # noqa: E402
     blockwise_weight,
     constexpr_value,
     lut_weight,

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from qwen3build.evaluator import PackageEvaluator, load_function
-from qwen3build.plan import make_plan
+from qwen3build.build.plan import make_plan
 from qwen3build.quant.lut import fit_grouped_lut
 from qwen3build.quant.packfile import save_pack
-from qwen3build.reference import ReferenceStack
-from qwen3build.runner import PackageBackend, load_stack
-from qwen3build.tasks import weights_provider
-from qwen3build.weights import PROJECTIONS
+from qwen3build.runtime.backends import PackageBackend, reference_from_stack
+from qwen3build.stack import load_stack
+from qwen3build.checkpoint.tensors import layer_tensor_name
+from qwen3build.settings.model_config import PROJECTIONS
 
 from conftest import DoitWorkspace, make_checkpoint
 
@@ -20,6 +20,10 @@ RECIPES = """
 [recipes.r4]
 projections = { q_proj = 4, k_proj = 4, v_proj = 4, o_proj = 4, gate_proj = 4, up_proj = 4, down_proj = 4 }
 embed_bits = 8
+
+[recipes.r4_e4]
+projections = { q_proj = 4, k_proj = 4, v_proj = 4, o_proj = 4, gate_proj = 4, up_proj = 4, down_proj = 4 }
+embed_bits = 4
 
 [recipes.r4_last8]
 projections = { q_proj = 4, k_proj = 4, v_proj = 4, o_proj = 4, gate_proj = 4, up_proj = 4, down_proj = 4 }
@@ -73,8 +77,7 @@ def test_quantized_packages_hold_no_dense_projection_weights(quant_ws):
 def test_quantized_chain_matches_the_reference_on_the_same_packs(quant_ws):
     ws = quant_ws
     ws.doit("build", RECIPE="r4", **ws.recipe_vars)
-    plan = make_plan({**ws.paths(), "RECIPE": "r4", **ws.recipe_vars}, environ={})
-    reference = ReferenceStack(plan.checkpoint, weights_provider(plan), plan.layout, np.load(plan.scales_path), plan.settings.SEQ_LEN)
+    reference = reference_from_stack(load_stack(ws.out_dir))  # the same packs, fp32 compute
     chain = PackageBackend(load_stack(ws.out_dir), "evaluator")
     for position, token in enumerate(np.random.RandomState(0).randint(0, 512, 12)):
         logits = chain.forward(int(token), position)[0].astype(np.float32)
@@ -90,11 +93,11 @@ def test_external_lut_packs_are_used_and_validated(tmp_path):
     for layer in range(4):
         (lut_dir / f"layer{layer:02d}").mkdir(parents=True)
         for kind in PROJECTIONS:
-            pack = fit_grouped_lut(plan.checkpoint.layer(layer, kind), 4, 128)
+            pack = fit_grouped_lut(plan.checkpoint.tensor(layer_tensor_name(layer, kind)), 4, 128)
             save_pack(lut_dir / f"layer{layer:02d}" / f"{kind}.npz", pack)
     ws.doit("build", RECIPE="r4", LUT_DIR=str(lut_dir), RECIPE_FILE=str(tmp_path / "recipes.toml"))
     assert ws.status("shard:left") == "rebuilt"
-    wrong = fit_grouped_lut(plan.checkpoint.layer(1, "q_proj")[:128], 4, 128)  # wrong shape
+    wrong = fit_grouped_lut(plan.checkpoint.tensor(layer_tensor_name(1, "q_proj"))[:128], 4, 128)  # wrong shape
     save_pack(lut_dir / "layer01" / "q_proj.npz", wrong)
     result = ws.doit("build", RECIPE="r4", LUT_DIR=str(lut_dir), RECIPE_FILE=str(tmp_path / "recipes.toml"), check=False)
     assert result.returncode != 0
@@ -128,7 +131,7 @@ def test_external_embedding_packs_are_used_and_missing_ones_named(tmp_path):
     from qwen3build.quant.blockwise import fit_blockwise
     (tmp_path / "recipes.toml").write_text(RECIPES)
     ws = DoitWorkspace(tmp_path, make_checkpoint(tmp_path / "ckpt", "q128"))
-    recipe = {"RECIPE": "r4", "RECIPE_FILE": str(tmp_path / "recipes.toml")}
+    recipe = {"RECIPE": "r4_e4", "RECIPE_FILE": str(tmp_path / "recipes.toml")}
     omniq = tmp_path / "omniq"
     omniq.mkdir()
     missing = ws.doit("io_model", OMNIQ_DIR=str(omniq), check=False, **recipe)
@@ -139,4 +142,6 @@ def test_external_embedding_packs_are_used_and_missing_ones_named(tmp_path):
     save_pack(omniq / "embed_tokens.npz", pack)
     ws.doit("io_model", OMNIQ_DIR=str(omniq), **recipe)
     state = ws.state("quant:embed")
+    wrong_bits = ws.doit("io_model", OMNIQ_DIR=str(omniq), check=False, RECIPE="r4", RECIPE_FILE=recipe["RECIPE_FILE"])
+    assert wrong_bits.returncode != 0 and "pack has 4 bits but the config asks for 8" in wrong_bits.stdout
     assert state["status"] == "rebuilt" and state["packs"]["embed_tokens"]["bits"] == 4  # the external int4 pack, not a fit

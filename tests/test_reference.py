@@ -5,12 +5,12 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from qwen3build.config import parse_layout
-from qwen3build.lower.programs import DenseWeights
-from qwen3build.model_config import load_model_config
-from qwen3build.numerics.slanc import compute_slanc_scales
-from qwen3build.reference import ReferenceStack
-from qwen3build.weights import Checkpoint, resolve_weight_files
+from qwen3build.settings.layout import parse_layout
+from qwen3build.quant.provider import PackedWeights
+from qwen3build.settings.model_config import load_model_config
+from qwen3build.graph.slanc import compute_slanc_scales
+from qwen3build.lower.torch.reference import ReferenceStack
+from qwen3build.checkpoint.reader import Checkpoint, resolve_weight_files
 
 from conftest import make_checkpoint
 
@@ -29,9 +29,9 @@ def oracle_logits(config_path, tokens):
 def reference_logits(config_path, tokens, shards="preset", seq_len=64):
     config = load_model_config(config_path)
     checkpoint = Checkpoint(config, *resolve_weight_files(config_path, None, None, ""))
-    scales, _ = compute_slanc_scales(checkpoint)
-    stack = ReferenceStack(checkpoint, DenseWeights(checkpoint), parse_layout(shards, config.num_hidden_layers),
-                           scales, seq_len)
+    scales, _ = compute_slanc_scales(checkpoint, config)
+    stack = ReferenceStack(checkpoint, PackedWeights.dense(checkpoint, config.tie_word_embeddings), config,
+                           parse_layout(shards, config.num_hidden_layers), scales, seq_len)
     return np.stack([stack.step(int(t), i) for i, t in enumerate(tokens)])
 
 
@@ -64,7 +64,7 @@ def test_ring_fills_to_capacity_then_refuses(tmp_path):
     assert np.abs(ours - oracle).max() / np.abs(oracle).max() < MAX_REL_LOGIT_ERROR
     config = load_model_config(config_path)
     checkpoint = Checkpoint(config, *resolve_weight_files(config_path, None, None, ""))
-    stack = ReferenceStack(checkpoint, DenseWeights(checkpoint), parse_layout("preset", 4),
-                           compute_slanc_scales(checkpoint)[0], 16)
+    stack = ReferenceStack(checkpoint, PackedWeights.dense(checkpoint, True), config, parse_layout("preset", 4),
+                           compute_slanc_scales(checkpoint, config)[0], 16)
     with pytest.raises(ValueError, match="context capacity"):
         stack.step(1, 16)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from qwen3build import runner
+from qwen3build.paths import STACK_FILE
+from qwen3build.runtime import backends, generate as generation, text
+from qwen3build.stack import load_stack
 from qwen3build.cli import main
 from qwen3build.evaluator import read_interface
-from qwen3build.lower import save
-from qwen3build.lower.sampler import convert, sampler_program
-from qwen3build.sampling import GREEDY, SamplerSettings
+from qwen3build.lower.mil import save
+from qwen3build.lower.mil.sampler import convert, sampler_program
+from qwen3build.graph.sampler import GREEDY, SamplerSettings
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "def f(x):"
@@ -29,10 +31,14 @@ WANDERING_PENALTY = 20.0
 # ------------------------------------------------------------------ fixtures
 
 def _link_stack(source: Path, target: Path) -> Path:
-    """A models dir whose packages are symlinks into `source` (stack.json copied, editable)."""
+    """A models dir whose packages are symlinks into `source` (stack.json copied, editable),
+    beside links to the source generation's numerics/ and quant/ (stack.json's ../ paths)."""
+    generation = source.resolve().parent
     target.mkdir(parents=True)
+    for folder in ("numerics", "quant"):
+        (target.parent / folder).symlink_to(generation / folder)
     for item in source.iterdir():
-        if item.name == runner.STACK_FILE:
+        if item.name == STACK_FILE:
             (target / item.name).write_text(item.read_text())
         else:
             (target / item.name).symlink_to(item.resolve())
@@ -40,7 +46,7 @@ def _link_stack(source: Path, target: Path) -> Path:
 
 
 def _edit_stack(models_dir: Path, edit) -> None:
-    path = models_dir / runner.STACK_FILE
+    path = models_dir / STACK_FILE
     info = json.loads(path.read_text())
     edit(info)
     path.write_text(json.dumps(info))
@@ -55,7 +61,7 @@ def models_dir(built_stack, tmp_path_factory) -> Path:
         return out
     linked = _link_stack(out, tmp_path_factory.mktemp("run") / "models")
     (linked / "sampler_model.mlpackage").unlink()
-    vocab = json.loads((out / runner.STACK_FILE).read_text())["model"]["vocab_size"]
+    vocab = json.loads((out / STACK_FILE).read_text())["model"]["vocab_size"]
     save.save_package(convert(sampler_program(vocab)), linked / "sampler_model.mlpackage")
     return linked
 
@@ -81,22 +87,22 @@ def tokenizer_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(models_dir):
-    return runner.load_stack(models_dir)
+    return load_stack(models_dir)
 
 
 @pytest.fixture(scope="module")
 def torch_backend(stack):
-    return runner.TorchBackend(stack)
+    return backends.TorchBackend(stack)
 
 
 @pytest.fixture(scope="module")
 def evaluator_backend(stack):
-    return runner.PackageBackend(stack, "evaluator")
+    return backends.PackageBackend(stack, "evaluator")
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(tokenizer_path):
-    return runner.TextCodec(tokenizer_path).encode_prompt(PROMPT)
+    return text.TextCodec(tokenizer_path).encode_prompt(PROMPT)
 
 
 @pytest.fixture
@@ -128,7 +134,7 @@ def error_line(capsys) -> str:
 # ------------------------------------------------------------------ backends agree
 
 def generate(backend, prompt_ids, settings=GREEDY, max_new_tokens=AGREEMENT_TOKENS, eos=(), seed=None, seq_len=32):
-    return runner.generate(backend, prompt_ids, settings, max_new_tokens, eos, seq_len, seed=seed)
+    return generation.generate(backend, prompt_ids, settings, max_new_tokens, eos, seq_len, seed=seed)
 
 
 @pytest.mark.parametrize("penalty", [1.0, WANDERING_PENALTY])
@@ -156,7 +162,7 @@ def test_sampling_with_one_seed_agrees_and_reproduces(torch_backend, evaluator_b
 @pytest.mark.macos
 @pytest.mark.skipif(sys.platform != "darwin", reason="the Core ML runtime exists only on macOS")
 def test_greedy_coreml_agrees_with_the_evaluator(stack, evaluator_backend, prompt_ids):
-    coreml = runner.PackageBackend(stack, "coreml")
+    coreml = backends.PackageBackend(stack, "coreml")
     settings = SamplerSettings(temperature=0.0, min_p=0.0, repetition_penalty=WANDERING_PENALTY)
     assert generate(coreml, prompt_ids, settings).tokens == generate(evaluator_backend, prompt_ids, settings).tokens
 
@@ -173,13 +179,13 @@ def test_stops_at_eos_without_printing_it(models_dir, tokenizer_path, torch_back
     code = run_cli("--models-dir", str(linked), "--tokenizer", str(tokenizer_path), "--prompt", PROMPT,
                    "--repetition-penalty", str(WANDERING_PENALTY), "--backend", "torch", "--max-new-tokens", "30")
     assert code == 0
-    expected = runner.TextCodec(tokenizer_path).decode(tokens[:stop_at])
+    expected = text.TextCodec(tokenizer_path).decode(tokens[:stop_at])
     assert capsys.readouterr().out == expected + "\n"
     assert any("end-of-sequence" in m and f"({stop_at} tokens generated)" in m for m in logs), logs
 
 
 def test_stops_with_a_message_at_the_context_capacity(models_dir, tokenizer_path, prompt_ids, logs):
-    seq_len = runner.load_stack(models_dir).seq_len
+    seq_len = load_stack(models_dir).seq_len
     code = run_cli("--models-dir", str(models_dir), "--tokenizer", str(tokenizer_path), "--prompt", PROMPT,
                    "--backend", "torch", "--max-new-tokens", "1000")
     assert code == 0
@@ -208,9 +214,9 @@ def test_console_script_streams_text_and_reports_stats(models_dir, tokenizer_pat
          "--prefill-progress", "--stream-mode", "token"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    expected = generate(runner.PackageBackend(runner.load_stack(models_dir), "evaluator"), prompt_ids,
+    expected = generate(backends.PackageBackend(load_stack(models_dir), "evaluator"), prompt_ids,
                         max_new_tokens=6).tokens
-    assert result.stdout == runner.TextCodec(tokenizer_path).decode(expected) + "\n"
+    assert result.stdout == text.TextCodec(tokenizer_path).decode(expected) + "\n"
     err = result.stderr
     assert "backend: evaluator" in err
     assert f"prefill {len(prompt_ids)}/{len(prompt_ids)} tokens" in err
@@ -261,7 +267,7 @@ def test_prompt_beyond_the_context_capacity(models_dir, tokenizer_path, capsys):
 
 
 def test_stack_without_tokenizer_asks_for_one(models_dir, capsys):
-    assert json.loads((models_dir / runner.STACK_FILE).read_text())["tokenizer"] is None
+    assert json.loads((models_dir / STACK_FILE).read_text())["tokenizer"] is None
     assert run_cli("--models-dir", str(models_dir), "--prompt", PROMPT, "--backend", "torch") == 2
     assert "--tokenizer" in error_line(capsys)
 
@@ -271,7 +277,7 @@ def test_sampler_from_an_older_build_is_refused(models_dir, tokenizer_path, tmp_
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
-    vocab = runner.load_stack(models_dir).vocab_size
+    vocab = load_stack(models_dir).vocab_size
 
     @mb.program(input_specs=[mb.TensorSpec((1, vocab), dtype=types.fp16)], opset_version=ct.target.iOS18)
     def greedy_only(logits):
@@ -281,6 +287,12 @@ def test_sampler_from_an_older_build_is_refused(models_dir, tokenizer_path, tmp_
     (linked / "sampler_model.mlpackage").unlink()
     save.save_package(save.convert(greedy_only), linked / "sampler_model.mlpackage")
     capsys.readouterr()  # coremltools' progress bars
+    assert run_cli("--models-dir", str(linked), "--tokenizer", str(tokenizer_path), "--prompt", PROMPT,
+                   "--backend", "evaluator") == 2
+    assert "stack.json records" in error_line(capsys)  # a package swapped after the build is refused
+    from qwen3build.build.cache import describe_tree
+    _edit_stack(linked, lambda info: info["files"].update(
+        {"sampler_model.mlpackage": describe_tree(linked / "sampler_model.mlpackage")}))
     assert run_cli("--models-dir", str(linked), "--tokenizer", str(tokenizer_path), "--prompt", PROMPT,
                    "--backend", "evaluator") == 2
     assert "older build" in error_line(capsys)
@@ -295,11 +307,11 @@ def test_chat_template_is_applied_when_the_tokenizer_has_one(tokenizer_path, tmp
     template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    codec = runner.TextCodec(directory / "tokenizer.json")
+    codec = text.TextCodec(directory / "tokenizer.json")
     ids = codec.encode_prompt("hi")
     assert ids.count(SPECIAL_TOKENS.index("<|im_start|>")) == 2 and ids.count(SPECIAL_TOKENS.index("<|im_end|>")) == 1
     assert codec.tokenizer.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert codec.encode_prompt("hi", use_chat_template=False) == runner.TextCodec(tokenizer_path).encode_prompt("hi")
+    assert codec.encode_prompt("hi", use_chat_template=False) == text.TextCodec(tokenizer_path).encode_prompt("hi")
 
 
 class _Chars:
@@ -315,7 +327,7 @@ def test_stream_modes(mode, pieces):
     import io
 
     out = io.StringIO()
-    stream = runner.TextStream(_Chars(), mode, out)
+    stream = text.TextStream(_Chars(), mode, out)
     seen = []
     for char in "ab cd":
         stream(ord(char))

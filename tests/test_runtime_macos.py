@@ -11,7 +11,7 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from qwen3build import runtime  # noqa: E402
+from qwen3build.runtime import packages as runtime  # noqa: E402
 
 IOS18 = ct.target.iOS18
 on_macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")

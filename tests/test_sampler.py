@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from qwen3build import sampling
+from qwen3build.graph import sampler as sampling
 from qwen3build.errors import BuildError
 from qwen3build.evaluator import PackageEvaluator, load_function, read_interface
-from qwen3build.lower import save
-from qwen3build.lower.sampler import INPUT_NAMES, OUTPUT_NAMES, convert, sampler_metadata, sampler_program
-from qwen3build.sampling import GREEDY, SamplerSettings
+from qwen3build.lower.mil import save
+from qwen3build.lower.mil.sampler import INPUT_NAMES, OUTPUT_NAMES, convert, sampler_metadata, sampler_program
+from qwen3build.graph.sampler import GREEDY, SamplerSettings
 
 QWEN3_VOCAB = 151_936  # > 65,536: 16-bit indices would wrap (150000 -> 18928)
 WINDOW = sampling.DEFAULT_WINDOW
@@ -26,7 +26,7 @@ FREQUENCY_TOLERANCE = 0.015
 @pytest.fixture(scope="module")
 def sampler_package(tmp_path_factory):
     path = tmp_path_factory.mktemp("sampler") / "sampler_model.mlpackage"
-    save.save_package(convert(sampler_program(QWEN3_VOCAB, WINDOW), sampler_metadata(QWEN3_VOCAB, WINDOW)), path)
+    save.save_package(convert(sampler_program(QWEN3_VOCAB, WINDOW), sampler_metadata(QWEN3_VOCAB, WINDOW, "CPU_AND_GPU")), path)
     return path
 
 

@@ -8,12 +8,12 @@ import coremltools as ct
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
-from qwen3build import graph
+from qwen3build.graph import decoder as graph
 from qwen3build.errors import BuildError
 from qwen3build.evaluator import PackageEvaluator
-from qwen3build.lower import save
-from qwen3build.lower.mil_ops import MilOps
-from qwen3build.numerics.slanc import FP16_SUMSQ_NORM_LIMIT, SAFETY_FACTOR, pow2_scale, validate_scales
+from qwen3build.lower.mil import save
+from qwen3build.lower.mil.ops import MilOps
+from qwen3build.graph.slanc import FP16_SUMSQ_NORM_LIMIT, SAFETY_FACTOR, pow2_scale, validate_scales
 
 HIDDEN = 256
 EPS = 1e-6
@@ -73,7 +73,7 @@ def test_external_scales_are_validated():
 def test_scales_setting_replaces_the_computed_table(workspace, tmp_path):
     external = np.full((5, 4), 0.25, np.float32)  # gqa fixture: 4 layers
     np.save(tmp_path / "scales.npy", external)
-    workspace.doit("slanc", SCALES=str(tmp_path / "scales.npy"))
+    workspace.doit("build", SCALES=str(tmp_path / "scales.npy"))
     np.testing.assert_array_equal(np.load(workspace.root / "artifacts/numerics/slanc_scales.npy"), external)
     np.save(tmp_path / "bad.npy", np.ones((2, 4), np.float32))
     result = workspace.doit("slanc", SCALES=str(tmp_path / "bad.npy"), check=False)

@@ -14,15 +14,15 @@ import pytest
 
 import tomllib
 
-from qwen3build.config import DEFAULTS_FILE
+from qwen3build.paths import DEFAULTS_FILE
 from qwen3build.errors import BuildError
-from qwen3build.plan import IO_MODEL, SAMPLER, make_plan
-from qwen3build.tinymodel import DEFAULT_CHECKPOINT_DIR, HELDOUT_TEXT_PATH
+from qwen3build.build.plan import make_plan
+from qwen3build.paths import DEFAULT_CHECKPOINT_DIR, HELDOUT_TEXT_PATH
 from qwen3build.verify import (KNIFE_EDGE_MARGIN, THRESHOLD_KEYS, VerifyOptions, format_report, judge_rollout,
                                load_thresholds, plan_windows, position_metrics, report_is_current,
                                request_from_vars, run_verify, verify_inputs, verify_key)
 from qwen3build.verify.__main__ import main as verify_main
-from qwen3build.verify.runner import resolve_window_sizes
+from qwen3build.verify.windows import resolve_window_sizes
 
 from conftest import make_checkpoint
 
@@ -71,14 +71,12 @@ def settings_for(config_path: Path, root: Path, seq_len: int, shards: str = "pre
 
 
 def build_stack(config_path: Path, root: Path, seq_len: int, shards: str = "preset"):
-    """Build every package with the build's own code (what each doit task runs), in-process."""
-    from qwen3build.tasks import Artifacts, finalize_stack
+    """Build and publish every package with the build's own code (what the doit tasks run), in-process."""
+    from qwen3build.build.actions import Builder
     plan = make_plan(settings_for(config_path, root, seq_len, shards), environ={})
-    artifacts = Artifacts(plan)
-    artifacts.weights_action()
-    for artifact_id in ["slanc", IO_MODEL, SAMPLER] + [f"shard:{s.name}" for s in plan.layout]:
-        artifacts.run(artifact_id)
-    finalize_stack(artifacts)
+    builder = Builder(plan)
+    builder.weights()
+    builder.publish()
     return plan
 
 
@@ -204,7 +202,7 @@ def unusual_stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unusual_report(unusual_stack):
-    return run_verify(unusual_stack, None, unusual_stack.artifacts / "verify" / "report.json", SMALL_OPTIONS)
+    return run_verify(unusual_stack, None, unusual_stack.tree.artifacts / "verify" / "report.json", SMALL_OPTIONS)
 
 
 def test_ladder_passes_on_an_honest_build(unusual_stack, unusual_report):
@@ -262,7 +260,7 @@ def test_package_positions_limit_the_package_rung(unusual_stack, tmp_path):
 
 
 def test_cli_exit_codes_and_one_line_errors(unusual_stack, tmp_path, capsys):
-    settings = settings_for(unusual_stack.settings.CONFIG, unusual_stack.artifacts.parent, 48, "a:0-0,b:1-1,c:2-2,d:3-3")
+    settings = settings_for(unusual_stack.settings.CONFIG, unusual_stack.tree.artifacts.parent, 48, "a:0-0,b:1-1,c:2-2,d:3-3")
     args = [f"{k}={v}" for k, v in settings.items()]
     small = ["WINDOWS=24", "MAX_WINDOWS=1", "ROLLOUTS=1", "PROMPT_TOKENS=4", "ROLLOUT_TOKENS=4",
              f"REPORT={tmp_path / 'cli.json'}"]
@@ -281,18 +279,26 @@ def test_cli_exit_codes_and_one_line_errors(unusual_stack, tmp_path, capsys):
 
 def test_input_errors_are_one_line(tmp_path, gqa_checkpoint, unusual_stack):
     no_build = make_plan(settings_for(gqa_checkpoint, tmp_path, 48), environ={})
-    with pytest.raises(BuildError, match="run `doit build`"):
+    with pytest.raises(BuildError, match="`doit build`"):
         run_verify(no_build, None, tmp_path / "r.json", SMALL_OPTIONS)
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n")
     with pytest.raises(BuildError, match="too short"):
         run_verify(unusual_stack, short, tmp_path / "r.json", SMALL_OPTIONS)
-    # A checkpoint without tokenizer.json: copy the built one's config next to nothing else.
-    bare = tmp_path / "bare"
-    shutil.copytree(unusual_stack.settings.CONFIG.parent, bare)
-    (bare / "tokenizer.json").unlink()
-    plan = make_plan({**settings_for(bare / "config.json", unusual_stack.artifacts.parent, 48, "a:0-0,b:1-1,c:2-2,d:3-3")},
-                     environ={})
+    # Packages of another checkpoint than CONFIG are refused.
+    other = tmp_path / "other"
+    shutil.copytree(unusual_stack.settings.CONFIG.parent, other)
+    plan = make_plan({**settings_for(other / "config.json", unusual_stack.tree.artifacts.parent, 48,
+                                     "a:0-0,b:1-1,c:2-2,d:3-3")}, environ={})
+    with pytest.raises(BuildError, match="packages were built from") as info:
+        run_verify(plan, None, tmp_path / "r.json", SMALL_OPTIONS)
+    assert "\n" not in str(info.value)
+    # A stack whose checkpoint had no tokenizer.json: verify cannot tokenize the text.
+    copy = tmp_path / "copy"
+    shutil.copytree(unusual_stack.tree.artifacts.parent, copy, symlinks=True)
+    plan = make_plan({**settings_for(unusual_stack.settings.CONFIG, copy, 48, "a:0-0,b:1-1,c:2-2,d:3-3")}, environ={})
+    stack_path = plan.tree.out_dir / "stack.json"
+    stack_path.write_text(stack_path.read_text().replace('"tokenizer": "', '"tokenizer_was": "'))
     with pytest.raises(BuildError, match="no tokenizer.json") as info:
         run_verify(plan, None, tmp_path / "r.json", SMALL_OPTIONS)
     assert "\n" not in str(info.value)

@@ -5,17 +5,18 @@ shard packages rebuilt in-process by the real lowering (qwen3build.lower.program
 qwen3build.lower.save) with one piece patched:
 - two layers swapped: layers 0 and 1 exchange all their weights (projections and norms);
 - the final norm dropped: the exit shard is lowered as if it were an interior shard;
-- a KV write off by one: numerics.tables.write_table writes each position one ring slot
+- a KV write off by one: graph.tables.write_table writes each position one ring slot
   over (the row the mask does not expect).
 The gate runs with the real [verify.fp16] thresholds from qwen3build.toml.
 """
 import dataclasses
+import json
 import shutil
 
 import numpy as np
 import pytest
 
-from qwen3build.plan import make_plan
+from qwen3build.build.plan import make_plan
 from qwen3build.verify import format_report, run_verify
 from qwen3build.verify.__main__ import main as verify_main
 
@@ -33,66 +34,66 @@ def honest(tmp_path_factory):
     return build_stack(config_path, root / "build", SEQ_LEN)
 
 
+def _swapped_name(name: str, swap: dict) -> str:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[:2] == ["model", "layers"] and int(parts[2]) in swap:
+        parts[2] = str(swap[int(parts[2])])
+    return ".".join(parts)
+
+
 class SwappedCheckpoint:
-    """The checkpoint with two layers' tensors exchanged (norms come from checkpoint.layer)."""
+    """The checkpoint with two layers' tensors exchanged (norms and projections)."""
 
     def __init__(self, checkpoint, a: int, b: int):
         self.inner, self.config, self.swap = checkpoint, checkpoint.config, {a: b, b: a}
 
-    def layer(self, layer: int, kind: str):
-        return self.inner.layer(self.swap.get(layer, layer), kind)
+    def tensor_fp16(self, name: str):
+        return self.inner.tensor_fp16(_swapped_name(name, self.swap))
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
-class SwappedWeights:
-    """The weights provider with two layers' projections exchanged."""
-
-    def __init__(self, weights, a: int, b: int):
-        self.inner, self.swap = weights, {a: b, b: a}
-
-    def projection_var(self, layer: int, kind: str, name: str):
-        return self.inner.projection_var(self.swap.get(layer, layer), kind, name)
-
-    def projection_array(self, layer: int, kind: str):
-        return self.inner.projection_array(self.swap.get(layer, layer), kind)
+    def tensor(self, name: str, dtype=np.float32):
+        return self.inner.tensor(_swapped_name(name, self.swap), dtype)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
 
 def broken_copy(honest, tmp_path, shards):
-    """Copy the honest artifacts, then rebuild `shards` as [(spec to lower, checkpoint, weights)]."""
-    from qwen3build.lower import programs, save
-    shutil.copytree(honest.artifacts, tmp_path / "artifacts")
+    """Copy the honest published tree, then rebuild `shards` as [(spec to lower, tensors)]
+    and record the new packages in stack.json (as a build would have)."""
+    from qwen3build.build.cache import describe_tree
+    from qwen3build.lower.mil import programs, save
+    from qwen3build.quant.provider import PackedWeights
+    shutil.copytree(honest.tree.artifacts, tmp_path / "artifacts", symlinks=True)
     plan = make_plan(settings_for(honest.settings.CONFIG, tmp_path, SEQ_LEN), environ={})
-    scales = np.load(plan.scales_path)
-    for spec, checkpoint, weights in shards:
-        program = programs.shard_program(checkpoint, weights, spec, scales, SEQ_LEN, False)
-        save.save_package(save.convert(program), plan.package_path(spec.package_name))
+    scales = np.load(plan.tree.scales_path)
+    config = plan.config
+    for spec, tensors in shards:
+        weights = PackedWeights.dense(tensors, config.tie_word_embeddings)
+        program = programs.shard_program(tensors, weights, config, spec, scales, SEQ_LEN, False)
+        save.save_package(save.convert(program), plan.tree.package_path(spec.package_name))
+    stack_path = plan.tree.out_dir / "stack.json"
+    stack = json.loads(stack_path.read_text())
+    stack["files"] = {name: describe_tree(plan.tree.out_dir / name) for name in stack["files"]}
+    stack_path.write_text(json.dumps(stack))
     return plan
 
 
 def swap_two_layers(plan):
-    from qwen3build.tasks import weights_provider
     entry = plan.layout[0]
     assert all(layer in entry.layers for layer in SWAPPED)
-    return [(entry, SwappedCheckpoint(plan.checkpoint, *SWAPPED), SwappedWeights(weights_provider(plan), *SWAPPED))]
+    return [(entry, SwappedCheckpoint(plan.checkpoint, *SWAPPED))]
 
 
 def drop_final_norm(plan):
-    from qwen3build.tasks import weights_provider
     exit_spec = plan.layout[-1]
-    return [(dataclasses.replace(exit_spec, is_exit=False), plan.checkpoint, weights_provider(plan))]
+    return [(dataclasses.replace(exit_spec, is_exit=False), plan.checkpoint)]
 
 
 def kv_write_off_by_one(plan, monkeypatch):
-    from qwen3build.numerics import tables
-    from qwen3build.tasks import weights_provider
+    from qwen3build.graph import tables
     honest_table = tables.write_table
     monkeypatch.setattr(tables, "write_table", lambda seq_len: np.roll(honest_table(seq_len), -1, axis=1))
-    return [(spec, plan.checkpoint, weights_provider(plan)) for spec in plan.layout]
+    return [(spec, plan.checkpoint) for spec in plan.layout]
 
 
 def test_honest_build_passes(honest, tmp_path):

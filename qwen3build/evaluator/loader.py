@@ -120,12 +120,32 @@ class PackageInterface:
     states: Interface
 
 
-def _read_spec(package_path: Path):
-    import coremltools as ct
+def read_spec(package_path: Path):
+    """The package's Model spec, read without writing anything.
 
+    coremltools' MLModel(path) opens the package read-write and rewrites Manifest.json;
+    published packages are never written, so the root model file named by the manifest is
+    parsed here directly."""
+    import json
+
+    from coremltools.proto import Model_pb2
+
+    package_path = Path(package_path)
     if not package_path.is_dir():
         raise FileNotFoundError(f"{package_path}: not an .mlpackage directory")
-    spec = ct.models.MLModel(str(package_path), skip_model_load=True).get_spec()
+    try:
+        manifest = json.loads((package_path / "Manifest.json").read_text())
+        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+        data = (package_path / "Data" / root).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{package_path}: not a readable .mlpackage ({exc})") from None
+    spec = Model_pb2.Model()
+    spec.ParseFromString(data)
+    return spec
+
+
+def _read_spec(package_path: Path):
+    spec = read_spec(package_path)
     if spec.WhichOneof("Type") != "mlProgram":
         raise NotImplementedError(
             f"{package_path}: model type is {spec.WhichOneof('Type')}; only ML Programs are supported"

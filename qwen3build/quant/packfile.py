@@ -64,9 +64,23 @@ def save_pack(path: str | os.PathLike, pack: LutPack | BlockwisePack) -> None:
     else:
         raise TypeError(f"save_pack: expected LutPack or BlockwisePack, got {type(pack).__name__}")
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **fields)
+    _write_npz(tmp, fields)
     os.replace(tmp, path)
+
+
+# np.savez stamps each member with the current time: two saves of the same pack would
+# differ. Members are written here in sorted order with a fixed timestamp instead.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _write_npz(path: Path, fields: dict) -> None:
+    """An uncompressed .npz (np.load reads it) whose bytes depend on `fields` only."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name in sorted(fields):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(fields[name]), allow_pickle=False)
 
 
 def load_pack(

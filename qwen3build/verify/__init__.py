@@ -11,8 +11,10 @@ when a run starts. See docs/verify.md.
 from .gate import THRESHOLD_KEYS, check_rung, load_thresholds, validate_thresholds
 from .metrics import KNIFE_EDGE_MARGIN, judge_rollout, position_metrics
 from .report import format_report
-from .runner import (VERIFY_VARS, VerifyOptions, VerifyRequest, default_report_path, default_text_path,
-                     plan_windows, report_is_current, request_from_vars, run_verify, verify_inputs, verify_key)
+from .keys import report_is_current, verify_inputs, verify_key
+from .ladder import run_verify
+from .options import VERIFY_VARS, VerifyOptions, VerifyRequest, default_report_path, default_text_path, request_from_vars
+from .windows import plan_windows
 
 __all__ = [
     "KNIFE_EDGE_MARGIN", "THRESHOLD_KEYS", "VERIFY_VARS", "VerifyOptions", "VerifyRequest", "check_rung",

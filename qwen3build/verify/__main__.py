@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import sys
 
-from ..config import SETTING_KEYS
+from ..settings.settings import SETTING_KEYS
 from ..errors import BuildError
 from ..logs import configure
 from .report import format_report
-from .runner import VERIFY_VARS, request_from_vars, run_verify
+from .ladder import run_verify
+from .options import VERIFY_VARS, request_from_vars
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        from ..plan import make_plan
+        from ..build.plan import make_plan
         plan = make_plan(settings)
         request = request_from_vars(plan, variables)
         report = run_verify(plan, request.text_path, request.report_path, request.options)

@@ -3,11 +3,11 @@ and the checks that turn a rung's figures into one-line failures."""
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 
-from ..config import DEFAULTS_FILE
 from ..errors import BuildError
+from ..paths import DEFAULTS_FILE
+from ..settings.defaults import read_defaults
 from .metrics import KNIFE_EDGE_MARGIN
 
 # Every key a [verify.<recipe>] table must give, with what it bounds. Each rung (the torch
@@ -25,11 +25,7 @@ THRESHOLD_KEYS = {
 
 def load_thresholds(recipe: str, path: Path = DEFAULTS_FILE) -> dict:
     """The [verify.<recipe>] table, validated: every key present, numbers only."""
-    try:
-        with open(path, "rb") as handle:
-            tables = tomllib.load(handle).get("verify", {})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise BuildError(f"{path}: cannot read verify thresholds ({exc})") from None
+    tables = read_defaults(path).verify
     table = tables.get(recipe)
     if not isinstance(table, dict):
         have = ", ".join(f"[verify.{name}]" for name in tables) or "none"

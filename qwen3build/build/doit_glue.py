@@ -1,0 +1,169 @@
+"""doit glue: picklable task actions, up-to-date checks, and a one-line failure reporter.
+
+Actions are module-level functions called with plain data (the settings the dodo run
+was given), so `doit -n N -P process` can send them to worker processes, which start by
+spawning on macOS: a worker rebuilds the plan from those settings, cheaply.
+
+Actions turn a BuildError (bad input: the user can fix it) into doit's TaskFailed with a
+message starting "qwen3build:"; the reporter prints that line alone, without doit's
+"TaskFailed - taskid:..." frame. Anything else (a bug) keeps the full report.
+"""
+from __future__ import annotations
+
+import functools
+
+from doit.exceptions import TaskFailed
+from doit.reporter import ConsoleReporter
+
+from ..errors import BuildError
+
+PREFIX = "qwen3build:"
+
+
+class OneLineFailureReporter(ConsoleReporter):
+    desc = "console; user errors as one line"
+
+    def add_failure(self, task, fail):
+        message = fail.get_msg().strip() if isinstance(fail, TaskFailed) else ""
+        if message.startswith(PREFIX):
+            self.failures.append({"task": task, "exception": fail})
+            self.write(f"{message.splitlines()[0]}\n")
+            return
+        super().add_failure(task, fail)
+
+
+# ---------------------------------------------------------------- the builder of a run
+
+def source_of(overrides: dict, environ) -> tuple:
+    """Plain, hashable data that reproduces the plan in any process."""
+    from ..settings.settings import SETTING_KEYS
+    env = tuple((k, environ[k]) for k in SETTING_KEYS if k in environ)
+    return (tuple(sorted(overrides.items())), env)
+
+
+@functools.lru_cache(maxsize=4)
+def builder(source: tuple):
+    from ..build.actions import Builder
+    from ..build.plan import make_plan
+    overrides, env = source
+    return Builder(make_plan(dict(overrides), dict(env)))
+
+
+def _one_line(function, *args):
+    try:
+        result = function(*args)
+    except BuildError as error:
+        return TaskFailed(f"{PREFIX} {error}")
+    return None if result is None or result is True else result
+
+
+def weights_action(source):
+    return _one_line(lambda: builder(source).weights())
+
+
+def artifact_action(source, artifact):
+    return _one_line(lambda: builder(source).ensure(artifact))
+
+
+def build_action(source, show_table=True):
+    def publish():
+        from .summary import format_table, summary_rows
+        b = builder(source)
+        statuses = b.publish()
+        if show_table:
+            print(format_table(summary_rows(b, statuses)))
+            print(f"packages in {b.tree.out_dir}")
+    return _one_line(publish)
+
+
+class KeyCheck:
+    """doit up-to-date check: the cache holds an entry for the artifact's current key."""
+
+    def __init__(self, source, artifact):
+        self.source, self.artifact = source, artifact
+
+    def __call__(self):
+        try:
+            return builder(self.source).uptodate(self.artifact)
+        except BuildError:
+            return False
+
+    def __repr__(self):
+        return f"content key of {self.artifact} (declared inputs, code, tools) is in the cache"
+
+
+class WeightsCheck:
+    """doit up-to-date check of the weights manifest: the checkpoint files' stat unchanged."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self):
+        try:
+            return builder(self.source).weights_uptodate()
+        except BuildError:
+            return False
+
+    def __repr__(self):
+        return "checkpoint files unchanged (inode, size, mtime_ns)"
+
+
+def clean_action(source):
+    """`doit clean`: remove the published links and generations (the cache stays)."""
+    def clean():
+        from . import publish
+        from .cache import remove_path
+        b = builder(source)
+        b.lock()
+        for link in publish.links(b.tree).values():
+            if link.is_symlink() or link.exists():
+                remove_path(link)
+                print(f"removed {link}")
+        if b.tree.generations_dir.exists():
+            remove_path(b.tree.generations_dir)
+            print(f"removed {b.tree.generations_dir}")
+    return _one_line(clean)
+
+
+def _verify_request(source, variables):
+    from ..verify.options import request_from_vars
+    return request_from_vars(builder(source).plan, variables)
+
+
+def verify_action(source, variables):
+    def verify():
+        from ..verify import format_report, run_verify
+        b = builder(source)
+        b.lock()
+        request = _verify_request(source, variables)
+        report = run_verify(b.plan, request.text_path, request.report_path, request.options)
+        print(format_report(report))
+        if not report["passed"]:
+            return TaskFailed(f"{PREFIX} verify failed: " + "; ".join(report["failures"]))
+    return _one_line(verify)
+
+
+class VerifyCheck:
+    """doit up-to-date check of verify: a passing report made from exactly these inputs."""
+
+    def __init__(self, source, variables):
+        self.source, self.variables = source, variables
+
+    def __call__(self):
+        from ..verify.keys import report_is_current
+        try:
+            return report_is_current(builder(self.source).plan, _verify_request(self.source, self.variables))
+        except BuildError:
+            return False
+
+    def __repr__(self):
+        return "a passing verify report of exactly these packages, text, options and thresholds"
+
+
+def check_variables(given, known) -> None:
+    """Refuse a NAME=value doit variable nobody reads (a typo would be ignored otherwise)."""
+    from ..settings.settings import closest_name
+    for name in given:
+        if name not in known:
+            raise BuildError(f"unknown variable {name}={given[name]}{closest_name(name, known)}; "
+                             f"settings: {', '.join(known)}")

@@ -1,0 +1,59 @@
+"""The re-authored graph run eagerly in fp32 torch: the project's reference.
+
+Same graph.py math, same layout, ring KV states, tables and SLaNC scales as the packages,
+and the same constants as packed (fp16-rounded, or dequantized from quantization packs),
+computed in fp32. verify compares it with the HF oracle (does the re-authoring hold?) and
+with the packages (does the emitted fp16 program hold?); `run` uses it as a fast backend.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...checkpoint.tensors import layer_tensor_name
+from ...graph import decoder as graph
+from ...graph.tables import fp16_array, shard_tables
+from ...settings.layout import ShardSpec
+from ...settings.model_config import NORMS, PROJECTIONS
+from .ops import TorchOps
+
+
+class ReferenceStack:
+    """tensors: the norms' source (tensor_fp16(name)); weights: quant.provider.PackedWeights."""
+
+    def __init__(self, tensors, weights, config, layout: tuple[ShardSpec, ...], scales: np.ndarray, seq_len: int):
+        self.config, self.layout, self.seq_len, self.scales = config, layout, seq_len, scales
+        self.ops = ops = TorchOps()
+        as_packed = lambda value, what: ops.tensor(fp16_array(value, what).astype(np.float32))  # noqa: E731
+        tables = shard_tables(seq_len, config.head_dim, config.rope_theta)
+        self.tables = {name: as_packed(getattr(tables, name), name) for name in ("cos", "sin_signed", "write", "mask")}
+        self.layer_weights = {}
+        for layer in range(config.num_hidden_layers):
+            for kind in NORMS:
+                self.layer_weights[layer, kind] = ops.tensor(tensors.tensor_fp16(layer_tensor_name(layer, kind)))
+            for kind in PROJECTIONS:
+                self.layer_weights[layer, kind] = ops.tensor(weights.projection_array(layer, kind))
+        self.final_norm = ops.tensor(tensors.tensor_fp16("model.norm.weight"))
+        self.embed_table = ops.tensor(weights.table_array(head=False))
+        self.head = self.embed_table if config.tie_word_embeddings else ops.tensor(weights.table_array(head=True))
+        self.reset()
+
+    def reset(self) -> None:
+        c = self.config
+        self.states = [torch.zeros(2 * len(s.layers), c.num_key_value_heads, self.seq_len, c.head_dim)
+                       for s in self.layout]
+
+    @torch.no_grad()
+    def step(self, token: int, position: int) -> np.ndarray:
+        """Feed one token at `position`; returns the next-token logits (V,) float32."""
+        if not 0 <= position < self.seq_len:
+            raise ValueError(f"position {position} is outside the context capacity 0..{self.seq_len - 1}")
+        ops, c = self.ops, self.config
+        hidden = graph.embed(ops, self.embed_table, torch.tensor([[token]], dtype=torch.int32), c.hidden_size)
+        pos = torch.tensor([position], dtype=torch.int32)
+        for index, spec in enumerate(self.layout):
+            hidden, self.states[index] = graph.decoder_shard(
+                ops, hidden, pos, self.states[index], lambda layer, kind: self.layer_weights[layer, kind],
+                self.tables, spec.layers, spec.is_exit, c, self.scales, self.seq_len,
+                final_norm=self.final_norm)
+        return graph.lm_head(ops, hidden, self.head, c.hidden_size, c.vocab_size)[0].numpy()

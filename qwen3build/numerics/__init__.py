@@ -1,1 +1,0 @@
-"""Static numerics of the re-authored graph: tables and SLaNC scales (pure numpy)."""

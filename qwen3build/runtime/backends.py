@@ -1,0 +1,173 @@
+"""Backends that run a published stack, token by token (batch 1, one position per call):
+
+    embed (io_model "embed") -> shards in stack.json order (each with its KV state)
+      -> logits (io_model "lm_head") -> next token (sampler_model)
+
+- "coreml": the saved packages on Apple's Core ML runtime (macOS only), with the compute
+  units stack.json records (shards CPU+ANE, io_model and sampler CPU+GPU).
+- "evaluator": the same saved packages run by qwen3build.evaluator's numpy interpreter
+  (any OS): what `verify` uses, so it checks the bytes the build emitted. Slow.
+- "torch": ReferenceStack, the graph in fp32 torch, built from what the stack's own
+  generation holds (checkpoint, SLaNC scales, quantization packs), with sampling by
+  graph/sampler.py (the numpy twin of the sampler package). Fast on Linux; it does not
+  run the packages.
+- "auto": "coreml" on macOS, "evaluator" elsewhere (the packages, wherever possible).
+
+Everything here starts from a Stack (qwen3build.stack): nothing imports the build.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BuildError
+from ..graph import sampler as sampling
+from ..graph.sampler import SamplerSettings
+from ..stack import Stack
+from .packages import PACKAGE_BACKENDS
+
+log = logging.getLogger(__name__)
+
+BACKENDS = PACKAGE_BACKENDS + ("torch",)
+# torch intra-op threads for the torch backend. One, as the evaluator's BLAS: on the 2
+# shared cores here, 2 threads ran the tiny stack 10-30x slower than 1 (measured: 70-220
+# vs 7 ms per token with other processes busy).
+TORCH_THREADS = 1
+
+
+class PackageBackend:
+    """The saved packages, run by Core ML ("coreml") or by the numpy evaluator ("evaluator")."""
+
+    def __init__(self, stack: Stack, runtime_backend: str):
+        from .packages import open_package
+
+        self.name = runtime_backend
+        self.description = {"coreml": "Core ML runtime, saved packages",
+                            "evaluator": "numpy package evaluator, saved packages"}[runtime_backend]
+        units = stack.info.get("compute_units", {})
+
+        def opened(path, function):
+            return open_package(path, function, backend=runtime_backend, compute_units=units.get(path.name, "ALL"))
+
+        self.embed = opened(stack.io_model, "embed")
+        self.head = opened(stack.io_model, "lm_head")
+        self.shards = [opened(path, None) for path in stack.shard_packages]
+        self.sampler = opened(stack.sampler, None)
+        missing = [name for name in ("logits", "recent_tokens", "noise", *SamplerSettings().inputs())
+                   if name not in self.sampler.inputs]
+        if missing:
+            raise BuildError(f"{stack.sampler.name} has inputs {sorted(self.sampler.inputs)}, not the sampler this run "
+                             f"needs (missing {', '.join(missing)}): it comes from an older build; run `./dev build` again")
+        self.window = self.sampler.inputs["recent_tokens"][0][1]
+        self._zero_noise = np.zeros((1, stack.vocab_size), np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        self.states = [shard.new_state() for shard in self.shards]
+
+    def forward(self, token: int, position: int, want_logits: bool = True) -> np.ndarray | None:
+        hidden = self.embed.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"]  # (1, 1, H)
+        feed_position = np.array([position], np.int32)
+        for shard, state in zip(self.shards, self.states):
+            hidden = shard.predict({"hidden_states": hidden, "position": feed_position}, state)["output_hidden_states"]
+        if not want_logits:
+            return None
+        return self.head.predict({"hidden_states": hidden})["logits"]  # (1, V) fp16
+
+    def choose(self, logits: np.ndarray, window_ids: np.ndarray, settings: SamplerSettings,
+               noise: np.ndarray | None) -> int:
+        inputs = {"logits": logits, "recent_tokens": window_ids,
+                  "noise": self._zero_noise if noise is None else noise, **settings.inputs()}
+        return int(self.sampler.predict(inputs)["token"][0])
+
+
+def reference_from_stack(stack: Stack):
+    """The torch ReferenceStack of a published stack: the checkpoint it was built from, and
+    the SLaNC scales and quantization packs of its own generation."""
+    from ..checkpoint.reader import Checkpoint
+    from ..lower.torch.reference import ReferenceStack
+    from ..quant.provider import PackedWeights
+    from ..settings.layout import parse_layout
+    from ..settings.model_config import ModelConfig
+
+    info = stack.info
+    config = ModelConfig(**{**info["model"], "eos_token_ids": tuple(info["model"].get("eos_token_ids") or ())})
+    files = [Path(f) for f in (info.get("weights") or {}).get("files", [])]
+    missing = [str(f) for f in files if not f.is_file()]
+    if not files or missing:
+        raise BuildError(f"the torch backend needs the checkpoint the stack was built from; "
+                         f"{', '.join(missing) or 'stack.json names no weight files'} missing")
+    index = (info.get("weights") or {}).get("index")
+    checkpoint = Checkpoint(config, files, Path(index) if index else None)
+    scales_path = stack.scales_path
+    if scales_path is None or not scales_path.is_file():
+        raise BuildError(f"the torch backend needs the stack's SLaNC scales ({scales_path}); run `./dev build` again")
+    quant = info["quantization"]
+    layers = {int(layer): allocation for layer, allocation in quant["layers"].items()}
+    pack_root = stack.quant_dir
+    weights = PackedWeights(checkpoint, lambda layer: layers[layer],
+                            {layer: pack_root / f"layer{layer:02d}" for layer, a in layers.items() if any(a.values())},
+                            pack_root / "embed" if quant.get("embed_bits") else None, config.tie_word_embeddings)
+    layout = parse_layout(stack.layout_text, config.num_hidden_layers)
+    return ReferenceStack(checkpoint, weights, config, layout, np.load(scales_path), stack.seq_len)
+
+
+class TorchBackend:
+    """ReferenceStack (fp32 torch) of the stack, with sampling by graph/sampler.py."""
+
+    name = "torch"
+    description = "fp32 torch ReferenceStack, sampling by qwen3build.graph.sampler"
+
+    def __init__(self, stack: Stack, threads: int = TORCH_THREADS):
+        import torch
+
+        self.reference = reference_from_stack(stack)
+        self.window = _package_window(stack)
+        torch.set_num_threads(threads)  # process-wide: `run` is the whole process
+        log.debug("torch backend: %d thread(s)", threads)
+
+    def reset(self) -> None:
+        self.reference.reset()
+
+    def forward(self, token: int, position: int, want_logits: bool = True) -> np.ndarray | None:
+        return self.reference.step(token, position)  # (V,) float32; the head is cheap next to the layers
+
+    def choose(self, logits: np.ndarray, window_ids: np.ndarray, settings: SamplerSettings,
+               noise: np.ndarray | None) -> int:
+        return sampling.sample(logits, window_ids, settings, noise).token
+
+
+def _package_window(stack: Stack) -> int:
+    """The built sampler's repetition window, so that torch penalizes the same tokens."""
+    from ..evaluator import read_interface
+
+    try:
+        inputs = read_interface(stack.sampler).inputs
+    except (BuildError, OSError, ValueError):
+        inputs = {}
+    if "recent_tokens" in inputs:
+        return inputs["recent_tokens"][0][1]
+    log.info("no sampler package with a recent_tokens input in %s: repetition window %d (the default)",
+             stack.models_dir, sampling.DEFAULT_WINDOW)
+    return sampling.DEFAULT_WINDOW
+
+
+def resolve_backend(requested: str) -> str:
+    if requested not in BACKENDS:
+        raise BuildError(f"--backend {requested!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return "coreml" if sys.platform == "darwin" else "evaluator"
+    if requested == "coreml" and sys.platform != "darwin":
+        raise BuildError(f"--backend coreml needs macOS's Core ML runtime (this is {sys.platform}); "
+                         f"use --backend evaluator (the packages, in numpy) or --backend torch (fast reference)")
+    return requested
+
+
+def open_backend(stack: Stack, requested: str):
+    backend = resolve_backend(requested)
+    if backend == "torch":
+        return TorchBackend(stack)
+    return PackageBackend(stack, backend)

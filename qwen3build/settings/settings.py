@@ -1,0 +1,163 @@
+"""Build settings: defaults from qwen3build.toml < environment < doit command-line vars.
+
+Settings are a frozen dataclass validated once; every error is one line that names the
+setting, the bad value and what is allowed. Nothing here touches weights or outputs.
+Every default is in qwen3build.toml (settings/defaults.py reads it); none is in code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from pathlib import Path
+
+from ..errors import BuildError
+from ..paths import DEFAULTS_FILE, BuildTree
+from .defaults import read_defaults, read_toml
+from .limits import MAX_SEQ_LEN
+
+PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
+             "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")
+SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "RECIPE")
+# Settings that must name something (the rest may be "" = not given).
+REQUIRED_PATHS = ("CONFIG", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    CONFIG: Path
+    WEIGHTS: Path | None
+    WEIGHTS_INDEX: Path | None
+    WEIGHTS_GLOB: str
+    LUT_DIR: Path | None
+    OMNIQ_DIR: Path | None
+    SCALES: Path | None
+    OUT_DIR: Path
+    MIL_DIR: Path
+    TMP_DIR: Path
+    CACHE_DIR: Path
+    SEQ_LEN: int
+    SHARDS: str
+    PALETTIZE_MASKS: bool
+    RECIPE: str
+    RECIPE_FILE: Path
+
+    @property
+    def tree(self) -> BuildTree:
+        return BuildTree(self.OUT_DIR, self.MIL_DIR, self.TMP_DIR, self.CACHE_DIR)
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def closest_name(name: str, allowed) -> str:
+    """' (did you mean X?)' when a known name is close to `name`, else ''."""
+    match = difflib.get_close_matches(name.upper(), list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def unknown_setting(name: str, allowed=SETTING_KEYS) -> BuildError:
+    return BuildError(f"unknown setting {name}{closest_name(name, allowed)}; allowed: {', '.join(allowed)}")
+
+
+def parse_bool(key: str, raw) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise BuildError(f"{key}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+
+
+def parse_whole(key: str, raw, low: int, high: int, example: str) -> int:
+    """A whole number in [low, high]; a bool, a float or "2.0" is refused."""
+    if isinstance(raw, bool) or isinstance(raw, float):
+        raise BuildError(f"{key}={raw!r} is not a whole number: {example}")
+    text = str(raw).strip()
+    if not re.fullmatch(r"[0-9]+", text):
+        raise BuildError(f"{key}={raw!r} is not a whole number: {example}")
+    value = int(text)
+    if not low <= value <= high:
+        raise BuildError(f"{key}={value} is out of range: it must be between {low} and {high}")
+    return value
+
+
+def parse_seq_len(raw) -> int:
+    return parse_whole("SEQ_LEN", raw, 2, MAX_SEQ_LEN, "give the context capacity in tokens, e.g. SEQ_LEN=4096")
+
+
+def load_settings(overrides: dict | None = None, environ: dict | None = None,
+                  defaults_file: Path = DEFAULTS_FILE) -> Settings:
+    """Merge defaults < environment < overrides (doit vars), resolve paths, validate."""
+    environ = os.environ if environ is None else environ
+    defaults = read_defaults(defaults_file)
+    raw = dict(defaults.settings)
+    unknown = sorted(set(raw) - set(SETTING_KEYS))
+    if unknown:
+        raise BuildError(f"{defaults_file.name}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(SETTING_KEYS)}")
+    missing = [key for key in SETTING_KEYS if key not in raw]
+    if missing:
+        raise BuildError(f"{defaults_file.name} does not give {', '.join(missing)}; every setting needs a default there")
+    for key in SETTING_KEYS:
+        if key in environ:
+            raw[key] = environ[key]
+    for key, value in (overrides or {}).items():
+        if key not in SETTING_KEYS:
+            raise unknown_setting(key)
+        raw[key] = value
+    base = defaults_file.parent
+
+    def path_or_none(key):
+        value = raw[key]
+        if not isinstance(value, str):
+            raise BuildError(f"{key}={value!r} must be a path (a string)")
+        text = value.strip()
+        # abspath, not resolve(): OUT_DIR and MIL_DIR are links into the published
+        # generation, and must stay the links.
+        return Path(os.path.abspath(base / Path(text).expanduser())) if text else None
+
+    def required_path(key):
+        path = path_or_none(key)
+        if path is None:
+            raise BuildError(f"{key} is empty; give a path")
+        return path
+
+    recipe_file = path_or_none("RECIPE_FILE") or defaults_file
+    recipes = (defaults.recipes if recipe_file == defaults_file
+               else read_toml(recipe_file, "RECIPE_FILE").get("recipes", {}))
+    if not isinstance(recipes, dict):
+        raise BuildError(f"RECIPE_FILE={recipe_file}: [recipes] must hold [recipes.<name>] tables")
+    recipe = raw["RECIPE"]
+    if not isinstance(recipe, str) or recipe.strip() not in recipes:
+        raise BuildError(f"RECIPE={recipe!r} is unknown{closest_name(str(recipe), recipes)}; recipes in "
+                         f"{recipe_file.name}: {', '.join(recipes) or 'none'}")
+    shards = raw["SHARDS"]
+    if not isinstance(shards, str):
+        raise BuildError(f"SHARDS={shards!r} must be text like left:0-10,mid:11-19,right:20-27 or preset")
+    glob = raw["WEIGHTS_GLOB"]
+    if not isinstance(glob, str):
+        raise BuildError(f"WEIGHTS_GLOB={glob!r} must be a glob pattern (a string)")
+    settings = Settings(
+        CONFIG=required_path("CONFIG"),
+        WEIGHTS=path_or_none("WEIGHTS"),
+        WEIGHTS_INDEX=path_or_none("WEIGHTS_INDEX"),
+        WEIGHTS_GLOB=glob.strip(),
+        LUT_DIR=path_or_none("LUT_DIR"),
+        OMNIQ_DIR=path_or_none("OMNIQ_DIR"),
+        SCALES=path_or_none("SCALES"),
+        OUT_DIR=required_path("OUT_DIR"),
+        MIL_DIR=required_path("MIL_DIR"),
+        TMP_DIR=required_path("TMP_DIR"),
+        CACHE_DIR=required_path("CACHE_DIR"),
+        SEQ_LEN=parse_seq_len(raw["SEQ_LEN"]),
+        SHARDS=shards.strip() or "preset",
+        PALETTIZE_MASKS=parse_bool("PALETTIZE_MASKS", raw["PALETTIZE_MASKS"]),
+        RECIPE=recipe.strip(),
+        RECIPE_FILE=recipe_file,
+    )
+    if not settings.CONFIG.is_file():
+        raise BuildError(f"CONFIG={settings.CONFIG} does not exist: point CONFIG at a Hugging Face config.json")
+    return settings

@@ -1,0 +1,127 @@
+"""What shapes a verify run: the verify variables (TEXT, WINDOWS, ...) and their defaults.
+
+Settings like RECIPE or SEQ_LEN come from the build plan; these only say how to verify.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from ..errors import BuildError
+from ..paths import HELDOUT_TEXT_PATH
+
+from ..runtime.packages import PACKAGE_BACKENDS as BACKENDS
+
+RUNGS = ("reference", "packages")
+SEQ_LEN_WINDOW = "SEQ_LEN"
+# doit / environment variables that shape a verify run (settings like RECIPE come from the plan).
+VERIFY_VARS = ("TEXT", "REPORT", "WINDOWS", "MAX_WINDOWS", "PACKAGE_POSITIONS", "ROLLOUTS",
+               "PROMPT_TOKENS", "ROLLOUT_TOKENS", "BACKEND", "RUNGS")
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    windows: tuple = (256, 1024, SEQ_LEN_WINDOW)  # perplexity window sizes; "SEQ_LEN" = min(SEQ_LEN, text)
+    max_windows: int = 2          # windows per size; 0 = as many as the text allows (see docs/verify.md)
+    package_positions: int = 0    # teacher-forced steps through the packages; 0 = as many as the reference
+    rollouts: int = 4             # greedy rollouts from prompts spread over the text
+    prompt_tokens: int = 32
+    rollout_tokens: int = 32
+    backend: str = "auto"         # packages: "auto" = Core ML on macOS, the numpy evaluator elsewhere
+    rungs: tuple = RUNGS
+    thresholds: dict | None = None  # None: [verify.<RECIPE>] from qwen3build.toml
+
+    def __post_init__(self):
+        for name in ("max_windows", "package_positions", "rollouts", "prompt_tokens", "rollout_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BuildError(f"verify option {name}={value!r} must be a whole number >= 0")
+        if not self.windows:
+            raise BuildError("verify option windows is empty; give sizes like 256,1024,SEQ_LEN")
+        for size in self.windows:
+            if size != SEQ_LEN_WINDOW and (isinstance(size, bool) or not isinstance(size, int) or size < 2):
+                raise BuildError(f"verify window size {size!r} must be a whole number >= 2 or SEQ_LEN")
+        if self.backend not in BACKENDS:
+            raise BuildError(f"BACKEND={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        bad = [r for r in self.rungs if r not in RUNGS]
+        if bad or not self.rungs:
+            raise BuildError(f"RUNGS={','.join(self.rungs)!r}: allowed rungs are {', '.join(RUNGS)}")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["windows"], out["rungs"] = list(self.windows), list(self.rungs)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyRequest:
+    text_path: Path
+    report_path: Path
+    options: VerifyOptions
+
+
+def default_text_path() -> Path:
+    return HELDOUT_TEXT_PATH
+
+
+def default_report_path(plan, text_path: Path) -> Path:
+    return plan.tree.verify_dir / f"{plan.settings.RECIPE}-{Path(text_path).name.split('.')[0]}.json"
+
+
+def _whole(key: str, raw) -> int:
+    text = str(raw).strip()
+    if not text.isdigit():
+        raise BuildError(f"{key}={raw!r} is not a whole number >= 0")
+    return int(text)
+
+
+def _csv(raw) -> list[str]:
+    return [part.strip() for part in str(raw).split(",") if part.strip()]
+
+
+def request_from_vars(plan, variables: dict | None = None, environ: dict | None = None) -> VerifyRequest:
+    """TEXT, REPORT, WINDOWS, ... from the environment < `variables` (doit command-line vars)."""
+    environ = os.environ if environ is None else environ
+    raw = {key: environ[key] for key in VERIFY_VARS if environ.get(key) not in (None, "")}
+    for key, value in (variables or {}).items():
+        if key not in VERIFY_VARS:
+            raise BuildError(f"unknown verify variable {key}; allowed: {', '.join(VERIFY_VARS)}")
+        if value not in (None, ""):
+            raw[key] = value
+    kwargs = {}
+    if "WINDOWS" in raw:
+        kwargs["windows"] = tuple(SEQ_LEN_WINDOW if w.upper() == SEQ_LEN_WINDOW else _whole("WINDOWS", w)
+                                  for w in _csv(raw["WINDOWS"]))
+    for key, field in (("MAX_WINDOWS", "max_windows"), ("PACKAGE_POSITIONS", "package_positions"),
+                       ("ROLLOUTS", "rollouts"), ("PROMPT_TOKENS", "prompt_tokens"),
+                       ("ROLLOUT_TOKENS", "rollout_tokens")):
+        if key in raw:
+            kwargs[field] = _whole(key, raw[key])
+    if "BACKEND" in raw:
+        kwargs["backend"] = str(raw["BACKEND"]).strip()
+    if "RUNGS" in raw:
+        kwargs["rungs"] = tuple(_csv(raw["RUNGS"]))
+    options = VerifyOptions(**kwargs)
+    text_path = Path(raw["TEXT"]).expanduser().resolve() if "TEXT" in raw else default_text_path()
+    report_path = (Path(raw["REPORT"]).expanduser().resolve() if "REPORT" in raw
+                   else default_report_path(plan, text_path))
+    return VerifyRequest(text_path, report_path, options)
+
+
+def coerce_options(options) -> VerifyOptions:
+    if options is None:
+        return VerifyOptions()
+    if isinstance(options, VerifyOptions):
+        return options
+    if isinstance(options, dict):
+        fields = {f.name for f in dataclasses.fields(VerifyOptions)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise BuildError(f"unknown verify option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
+        opts = dict(options)
+        for name in ("windows", "rungs"):
+            if name in opts:
+                opts[name] = tuple(opts[name])
+        return VerifyOptions(**opts)
+    raise TypeError(f"options must be VerifyOptions, a dict or None, not {type(options).__name__}")

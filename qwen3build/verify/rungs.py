@@ -1,0 +1,85 @@
+"""The rungs of the ladder: what gets measured against the oracle.
+
+- reference: the project's torch reference of the graph, built from the published stack
+  (its checkpoint, scales and packs: runtime.backends.reference_from_stack);
+- packages: the saved packages, chained as a deployment runs them (runtime PackageBackend:
+  the same chain `qwen3build run` uses), each loaded from disk.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ..errors import BuildError
+
+# The reference steps tiny per-token ops: one torch thread is faster than two on the two
+# shared cores these builds run on (measured 16 vs 2 tokens/s with another job running).
+REFERENCE_TORCH_THREADS = 1
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    import torch
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+class ReferenceRung:
+    """The project's torch reference of the graph, exactly as the stack was built."""
+
+    name = "reference"
+    backend = "torch fp32"
+    sampler = "argmax"
+
+    def __init__(self, stack):
+        from ..runtime.backends import reference_from_stack
+        self.stack = reference_from_stack(stack)
+
+    def reset(self) -> None:
+        self.stack.reset()
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        return self.stack.step(token, position)
+
+    def next_token(self, logits: np.ndarray) -> int:
+        return int(np.argmax(logits))
+
+    def threads(self):
+        return _torch_threads(REFERENCE_TORCH_THREADS)
+
+
+class PackageRung:
+    """The saved packages of the stack, on Core ML (macOS) or the evaluator."""
+
+    name = "packages"
+    sampler = "sampler_model (temperature 0)"
+
+    def __init__(self, stack, backend: str):
+        from ..runtime.backends import PackageBackend, resolve_backend
+        backend = resolve_backend(backend)
+        try:
+            self.chain = PackageBackend(stack, backend)
+        except (RuntimeError, ValueError) as exc:
+            raise BuildError(f"packages in {stack.models_dir}: cannot open with backend {backend!r}: {exc}") from None
+        self.backend = backend
+        self.reset()
+
+    def reset(self) -> None:
+        self.chain.reset()
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        return np.asarray(self.chain.forward(token, position)[0], np.float32)  # (V,)
+
+    def next_token(self, logits: np.ndarray) -> int:
+        """Greedy through sampler_model itself: temperature 0, empty window, no penalty."""
+        from ..graph.sampler import GREEDY, recent_window
+        window = recent_window([], self.chain.window)
+        return self.chain.choose(logits[None].astype(np.float16), window, GREEDY, None)
+
+    def threads(self):
+        return contextlib.nullcontext()
