@@ -185,6 +185,7 @@ class Builder:
                              "group_size": plan.recipe.group_size, "embed_bits": plan.recipe.embed_bits,
                              "embed_block_size": plan.recipe.embed_block_size},
             "palettize_masks": settings.PALETTIZE_MASKS,
+            "kv_write": settings.KV_WRITE,
             "io_model": f"{IO_MODEL}.mlpackage",
             "sampler": f"{SAMPLER}.mlpackage",
             "shards": [{"name": s.name, "package": f"{s.package_name}.mlpackage", "first": s.first,

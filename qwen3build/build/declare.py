@@ -7,7 +7,7 @@ checkpoint tensors it reads (with their digests from the weights manifest), exte
 files and upstream outputs (with their content digests). Its key is the digest of that.
 
 Which settings key which artifacts (docs/build.md has the table):
-- SEQ_LEN, PALETTIZE_MASKS, SHARDS (a shard's own range and role): shards only.
+- SEQ_LEN, PALETTIZE_MASKS, KV_WRITE, SHARDS (a shard's own range and role): shards only.
 - RECIPE: through the bits it resolves to: a layer's packs and the shards holding
   that layer; embed_bits: quant:embed and io_model. The recipe's name keys nothing.
 - CONFIG / weights: through the tensors each artifact reads and its model-config slice.
@@ -148,6 +148,7 @@ class Declarations:
                     "quantization": _bits_summary(bits)}
         values = {"model": plan.config.subset(SHARD_FIELDS), "shard": dataclasses.asdict(spec),
                   "SEQ_LEN": settings.SEQ_LEN, "PALETTIZE_MASKS": settings.PALETTIZE_MASKS,
+                  "KV_WRITE": settings.KV_WRITE,
                   "scales": rows, "bits": bits, "metadata": {f"qwen3build.{k}": str(v) for k, v in metadata.items()}}
         return self._make(f"shard:{name}", "shard", "shard", [f"{package}.mlpackage", f"{package}.mil"],
                               ["packages", "mil"], values, tensors=tensors, upstream=upstream)

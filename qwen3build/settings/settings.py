@@ -19,7 +19,9 @@ from .limits import MAX_SEQ_LEN
 
 PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
              "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")
-SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "RECIPE")
+SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "RECIPE")
+# KV_WRITE: how a shard writes this token's K/V rows into its state (docs/build.md).
+KV_WRITE_MODES = ("blend", "slice")
 # Settings that must name something (the rest may be "" = not given).
 REQUIRED_PATHS = ("CONFIG", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR")
 
@@ -40,6 +42,7 @@ class Settings:
     SEQ_LEN: int
     SHARDS: str
     PALETTIZE_MASKS: bool
+    KV_WRITE: str
     RECIPE: str
     RECIPE_FILE: Path
 
@@ -70,6 +73,12 @@ def parse_bool(key: str, raw) -> bool:
     if text in ("0", "false", "no", "off"):
         return False
     raise BuildError(f"{key}={raw!r} is not a boolean: use 1/0, true/false, yes/no or on/off")
+
+
+def parse_choice(key: str, raw, allowed) -> str:
+    if not isinstance(raw, str) or raw.strip() not in allowed:
+        raise BuildError(f"{key}={raw!r} is not one of {', '.join(allowed)}")
+    return raw.strip()
 
 
 def parse_whole(key: str, raw, low: int, high: int, example: str) -> int:
@@ -155,6 +164,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         SEQ_LEN=parse_seq_len(raw["SEQ_LEN"]),
         SHARDS=shards.strip() or "preset",
         PALETTIZE_MASKS=parse_bool("PALETTIZE_MASKS", raw["PALETTIZE_MASKS"]),
+        KV_WRITE=parse_choice("KV_WRITE", raw["KV_WRITE"], KV_WRITE_MODES),
         RECIPE=recipe.strip(),
         RECIPE_FILE=recipe_file,
     )

@@ -32,7 +32,7 @@ def build(inputs, outputs) -> dict:
                             {int(name[5:]): path for name, path in inputs.upstream.items()}, None, False)
     savings: dict = {}
     program = programs.shard_program(inputs.tensors, weights, config, spec, scales, seq_len,
-                                     values["PALETTIZE_MASKS"], savings)
+                                     values["PALETTIZE_MASKS"], savings, kv_write=values["KV_WRITE"])
     log.info("  %s: converting and saving", package)
     model = save.convert(program, dict(values["metadata"]))
     package_path = outputs[f"{package}.mlpackage"]

@@ -13,6 +13,7 @@ from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
 
 from ...checkpoint.tensors import layer_tensor_name
+from ...errors import BuildError
 from ...graph import decoder as graph
 from ...graph.tables import fp16_array, shard_tables
 from ...settings.layout import ShardSpec
@@ -43,9 +44,11 @@ def kv_state_shape(spec: ShardSpec, config: ModelConfig, seq_len: int) -> tuple[
 
 
 def shard_program(tensors, weights, config: ModelConfig, spec: ShardSpec, scales: np.ndarray, seq_len: int,
-                  palettize_tables: bool, table_savings: dict | None = None):
+                  palettize_tables: bool, table_savings: dict | None = None, kv_write: str = "blend"):
     """tensors: the norms' source (tensor(name)); weights: quant.provider.PackedWeights;
     scales: SLaNC rows indexed by layer (rows of layers outside the shard are not read)."""
+    if kv_write != "blend":
+        raise BuildError(f"KV_WRITE={kv_write} is not built yet; use KV_WRITE=blend")
     tables = shard_tables(seq_len, config.head_dim, config.rope_theta)
     state_shape = kv_state_shape(spec, config, seq_len)
     reset_op_names()
