@@ -38,7 +38,11 @@ DOIT_CONFIG = {
     "action_string_formatting": "new",
     "reporter": glue.OneLineFailureReporter,
 }
-TREE.state_dir.mkdir(parents=True, exist_ok=True)
+try:
+    TREE.state_dir.mkdir(parents=True, exist_ok=True)
+except OSError as exc:
+    print(f"qwen3build: {glue.location_error(exc) or exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _artifact_task(artifact, doc, task_dep):

@@ -72,7 +72,53 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="qwen3build", description="Qwen3 -> split Core ML deployment tools")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
     _add_run_parser(subparsers)
+    _add_cache_parser(subparsers)
     return parser
+
+
+def _add_cache_parser(subparsers) -> None:
+    cache = subparsers.add_parser("cache", help="status, verification and eviction of the action cache",
+                                  description="Look after the action cache (docs/build.md).")
+    actions = cache.add_subparsers(dest="cache_command", required=True, parser_class=OneLineErrorParser)
+    for name, text in (("status", "entries and bytes by kind, and what the settings use"),
+                       ("verify", "check every entry's files against their recorded digests"),
+                       ("gc", "evict least recently used entries (never ones in use)")):
+        sub = actions.add_parser(name, help=text, description=text)
+        sub.add_argument("settings", nargs="*", metavar="NAME=value",
+                         help="build settings as for doit (CACHE_DIR, OUT_DIR, CONFIG, ...)")
+        if name == "gc":
+            sub.add_argument("--max-size", required=True, help="keep the cache at most this big, e.g. 20G")
+        sub.add_argument("-v", "--verbose", action="store_true", help="log more")
+        sub.set_defaults(handler=cache_command)
+
+
+def cache_command(args) -> int:
+    from .build import cache_admin
+    from .build.actions import Builder
+    from .build.plan import make_plan
+    from .settings.settings import SETTING_KEYS, unknown_setting
+
+    overrides = {}
+    for item in args.settings:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise BuildError(f"{item!r} is not NAME=value")
+        if name not in SETTING_KEYS:
+            raise unknown_setting(name)
+        overrides[name] = value
+    builder = Builder(make_plan(overrides))
+    if args.cache_command == "status":
+        print(cache_admin.format_status(cache_admin.status(builder)))
+        return 0
+    builder.lock()  # never while a build of this tree runs
+    if args.cache_command == "verify":
+        checked, damaged = cache_admin.verify_all(builder.cache)
+        print(f"{checked} entries checked, {len(damaged)} damaged" + "".join(f"\n  {line}" for line in damaged))
+        return 1 if damaged else 0
+    limit = cache_admin.parse_size(args.max_size, "--max-size")
+    removed, freed = cache_admin.collect_garbage(builder, limit)
+    print(f"removed {removed} entries, freed {cache_admin.human(freed)}")
+    return 0
 
 
 def sampler_settings(args) -> tuple:

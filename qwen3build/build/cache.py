@@ -24,6 +24,7 @@ from pathlib import Path
 
 import xxhash
 
+from .faults import crash_point
 from .keys import digest_json
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,7 @@ class ActionCache:
         make_read_only(out)
         (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
         fsync_tree(staging)
+        crash_point("cache:sealed")
         entry = self.entry(key)
         if entry.exists():
             try:
@@ -295,6 +297,7 @@ class ActionCache:
             remove_path(staging)
             return self.check(key)
         fsync_dir(entry.parent)
+        crash_point("cache:stored")
         self.touch(key)
         return meta
 

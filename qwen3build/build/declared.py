@@ -17,14 +17,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
-from types import MappingProxyType
 
-import numpy as np
+from .keys import code_digest, digest_json, tool_versions
 
-from ..checkpoint.digests import tensor_hasher
-from ..checkpoint.reader import TensorSource
-from ..errors import BuildError
-from .keys import code_digest, digest_bytes, digest_json, tool_versions
+# What runs inside every build besides its own module: the inputs it is handed.
+INPUTS_MODULE = "qwen3build.build.inputs"
 
 # Tools whose versions shape the bytes of each kind of output.
 NUMPY_TOOLS = ("numpy",)
@@ -62,7 +59,7 @@ class Declared:
         """Exactly what the key is the digest of."""
         return {
             "kind": self.kind,
-            "code": code_digest(self.module),
+            "code": code_digest(self.module, INPUTS_MODULE),
             "tools": tool_versions(self.tools),
             "outputs": list(self.outputs),
             "values": self.values,
@@ -74,53 +71,3 @@ class Declared:
     @functools.cached_property
     def key(self) -> str:
         return digest_json(self.key_inputs())
-
-
-class DeclaredTensors(TensorSource):
-    """The checkpoint restricted to the declared tensors; every read is digest-checked."""
-
-    def __init__(self, checkpoint, digests: dict, artifact: str):
-        self.config = checkpoint.config
-        self._checkpoint, self._digests, self._artifact = checkpoint, digests, artifact
-        self.entries = {name: checkpoint.entries[name] for name in digests}
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """Any tensor's shape: config.json implies it (the checkpoint was checked against it)."""
-        return self._checkpoint.entries[name].shape
-
-    def raw_bytes(self, name: str) -> np.ndarray:
-        if name not in self._digests:
-            raise KeyError(f"{self._artifact} reads tensor {name} but did not declare it (build/declare.py)")
-        data = self._checkpoint.raw_bytes(name)
-        hasher = tensor_hasher(self.entries[name])
-        hasher.update(memoryview(data))
-        if hasher.hexdigest() != self._digests[name]:
-            raise BuildError(f"{name} in {self.entries[name].file} changed while building {self._artifact}; "
-                             "run the build again")
-        return data
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildInputs:
-    artifact: str
-    values: MappingProxyType
-    tensors: DeclaredTensors
-    files: dict
-    upstream: dict  # name -> Path of the verified upstream output
-    scratch: Path   # an empty work directory, removed after the build (not an input)
-
-    def file_bytes(self, name: str) -> bytes:
-        declared = self.files[name]
-        data = declared.path.read_bytes()
-        if digest_bytes(data) != declared.digest:
-            raise BuildError(f"{declared.path} changed while building {self.artifact}; run the build again")
-        return data
-
-
-def frozen(value):
-    """A read-only view of declared JSON data (dicts become mappingproxies, lists tuples)."""
-    if isinstance(value, dict):
-        return MappingProxyType({k: frozen(v) for k, v in value.items()})
-    if isinstance(value, list):
-        return tuple(frozen(v) for v in value)
-    return value

@@ -10,7 +10,9 @@ message starting "qwen3build:"; the reporter prints that line alone, without doi
 """
 from __future__ import annotations
 
+import errno
 import functools
+import sqlite3
 
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
@@ -49,11 +51,37 @@ def builder(source: tuple):
     return Builder(make_plan(dict(overrides), dict(env)))
 
 
+# A write that fails for one of these reasons is the user's to fix (disk full, read-only
+# location), not a bug: it becomes one line naming the path.
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
+
+
+def location_error(exc: OSError) -> BuildError | None:
+    """A one-line BuildError for a write to a full or unwritable location, else None."""
+    where = exc.filename or "a build output"
+    if exc.errno in _SPACE_ERRNOS:
+        return BuildError(f"{where}: {exc.strerror}; free space (e.g. `qwen3build cache gc --max-size 10G`) or "
+                          "point CACHE_DIR / OUT_DIR / TMP_DIR at another disk")
+    if exc.errno in _PERMISSION_ERRNOS:
+        return BuildError(f"{where}: {exc.strerror}; make it a writable directory or point OUT_DIR / MIL_DIR / "
+                          "TMP_DIR / CACHE_DIR elsewhere")
+    return None
+
+
 def _one_line(function, *args):
     try:
         result = function(*args)
     except BuildError as error:
         return TaskFailed(f"{PREFIX} {error}")
+    except OSError as exc:
+        error = location_error(exc)
+        if error is None:
+            raise
+        return TaskFailed(f"{PREFIX} {error}")
+    except sqlite3.OperationalError as exc:  # the digest store in CACHE_DIR
+        return TaskFailed(f"{PREFIX} the weight digest store in CACHE_DIR cannot be written ({exc}); "
+                          "make CACHE_DIR a writable directory or point it elsewhere")
     return None if result is None or result is True else result
 
 

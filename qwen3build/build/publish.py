@@ -28,7 +28,8 @@ import xxhash
 
 from ..errors import BuildError
 from ..paths import GENERATION_FILE, BuildTree
-from .cache import READ_CHUNK, TMP_MARK, fsync_tree, owner_name, remove_path, sweep_orphans
+from .cache import READ_CHUNK, TMP_MARK, fsync_dir, fsync_tree, owner_name, remove_path, sweep_orphans
+from .faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,20 @@ def file_intact(path: Path, record: list) -> bool:
 
 def generation_intact(generation: Path, record: dict) -> bool:
     return all(file_intact(generation / rel, entry) for rel, entry in record["files"].items())
+
+
+def find_generation(tree: BuildTree, generation_id: str) -> Path | None:
+    """An intact published generation of that id (id, or id.N), if one is kept."""
+    root = tree.generations_dir
+    if not root.is_dir():
+        return None
+    for path in sorted(root.iterdir()):
+        if path.name != generation_id and not path.name.startswith(f"{generation_id}."):
+            continue
+        record = read_generation(path)
+        if record and record.get("id") == generation_id and generation_intact(path, record):
+            return path
+    return None
 
 
 def links_point_to(tree: BuildTree, generation: Path) -> bool:
@@ -198,13 +213,23 @@ class GenerationWriter:
         self.files[rel] = [st.st_size, digest, st.st_mtime_ns, st.st_ino]
 
     def commit(self, record: dict) -> Path:
+        """Seal the generation, rename it into place and swap the links to it.
+
+        The final name is the generation id, or id.N when a generation of that id is
+        already there but was found changed (it is pruned later, never overwritten)."""
         (self.path / GENERATION_FILE).write_text(json.dumps({**record, "files": self.files}, indent=1, sort_keys=True))
         fsync_tree(self.path)
-        if self.final.exists():
-            remove_path(self.final)
-        os.rename(self.path, self.final)
-        swap_links(self.tree, self.final)
-        return self.final
+        crash_point("publish:assembled")
+        final, n = self.final, 0
+        while final.exists():
+            n += 1
+            final = self.final.with_name(f"{self.final.name}.{n}")
+        os.rename(self.path, final)
+        fsync_dir(final.parent)
+        crash_point("publish:renamed")
+        swap_links(self.tree, final)
+        crash_point("publish:linked")
+        return final
 
     def abandon(self) -> None:
         remove_path(self.path)
@@ -227,6 +252,7 @@ def swap_links(tree: BuildTree, generation: Path) -> None:
         temporary = link.with_name(f".{link.name}{owner_name(TMP_MARK)}")
         os.symlink(relative, temporary)
         os.replace(temporary, link)
+        crash_point("publish:between-links")
 
 
 def _retire_legacy(path: Path) -> None:
