@@ -92,3 +92,35 @@ def test_digests_are_remembered_by_stat_and_rehashed_once_after_touch(tmp_path):
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10_000_000))
     assert store.file_digests(checkpoint, weights) == first and store.bytes_hashed == 2 * hashed
     assert store.file_digests(checkpoint, weights) == first and store.bytes_hashed == 2 * hashed
+
+
+def test_hugging_face_cache_layout_is_accepted(tmp_path):
+    """snapshots/<rev>/ holds symlinks into ../../blobs/: the index names files beside it,
+    so the links' targets outside the folder are fine (only the names must stay inside)."""
+    snapshot = tmp_path / "snapshots" / "rev"
+    path = make_checkpoint(snapshot, "gqa", max_shard_bytes=60_000)
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in snapshot.glob("*.safetensors"):
+        blob = blobs / f"sha-{shard.name}"
+        shard.rename(blob)
+        shard.symlink_to(blob)
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.layer(3, "q_proj").shape == (128, 64)
+
+
+def test_headers_are_checked_without_reading_weight_bytes(tmp_path):
+    """A NaN is only in the values: opening the checkpoint (what make_plan does) passes,
+    and reading the tensor names it."""
+    path = make_checkpoint(tmp_path, "gqa", dtype="float32")
+    weights = tmp_path / "model.safetensors"
+    checkpoint = open_checkpoint(path)
+    entry = checkpoint.entries["model.layers.1.self_attn.o_proj.weight"]
+    data = bytearray(weights.read_bytes())
+    data[entry.begin:entry.begin + 4] = np.array([np.nan], np.float32).tobytes()
+    weights.write_bytes(bytes(data))
+    checkpoint = open_checkpoint(path)
+    with pytest.raises(BuildError, match=r"model\.layers\.1\.self_attn\.o_proj\.weight: 1 non-finite"):
+        checkpoint.tensor("model.layers.1.self_attn.o_proj.weight")
+    with pytest.raises(BuildError, match=r"o_proj\.weight: non-finite"):
+        checkpoint.tensor_fp16("model.layers.1.self_attn.o_proj.weight")

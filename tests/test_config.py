@@ -1,4 +1,6 @@
 """Settings precedence and decoder-layout validation (one-line errors, before any work)."""
+import logging
+
 import pytest
 
 from qwen3build.settings.layout import parse_layout, preset_layout
@@ -77,3 +79,54 @@ def test_precedence_defaults_then_environment_then_doit_vars(tmp_path):
         load_settings({"PALETTIZE_MASKS": "maybe"}, {}, defaults)
     with pytest.raises(BuildError, match="RECIPE"):
         load_settings({"RECIPE": "int3"}, {}, defaults)
+
+
+# ---------------------------------------------------------------- defaults fitted to the model
+
+def plan_settings(root, config, **extra) -> dict:
+    return {"CONFIG": str(config), "RECIPE": "fp16", "OUT_DIR": str(root / "artifacts/coreml/packages"),
+            "MIL_DIR": str(root / "artifacts/coreml/mil"), "TMP_DIR": str(root / "artifacts/.tmp"),
+            "CACHE_DIR": str(root / "cache"), **extra}
+
+
+def test_default_seq_len_is_lowered_to_the_models_maximum_with_a_note(tmp_path, gqa_checkpoint, caplog):
+    from qwen3build.build.plan import make_plan
+    caplog.set_level(logging.INFO, logger="qwen3build")
+    plan = make_plan(plan_settings(tmp_path, gqa_checkpoint), environ={})  # SEQ_LEN not given: 4096 > 512
+    assert plan.settings.SEQ_LEN == plan.config.max_position_embeddings == 512
+    notes = [r.getMessage() for r in caplog.records if "SEQ_LEN" in r.getMessage()]
+    assert len(notes) == 1 and "using SEQ_LEN=512" in notes[0]
+    assert make_plan(plan_settings(tmp_path, gqa_checkpoint), environ={"SEQ_LEN": "256"}).settings.SEQ_LEN == 256
+    with pytest.raises(BuildError, match="SEQ_LEN=1024 exceeds the model's max_position_embeddings=512"):
+        make_plan(plan_settings(tmp_path, gqa_checkpoint, SEQ_LEN="1024"), environ={})  # given: never lowered
+
+
+@pytest.mark.parametrize("rows,group_size,expected", [
+    (2048, 128, 128), (64, 128, 64), (96, 128, 96), (192, 128, 96), (320, 128, 80), (257, 128, 1), (6, 4, 3)])
+def test_lut_group_size_is_the_largest_divisor_not_above_the_recipes(rows, group_size, expected):
+    from qwen3build.settings.recipes import Recipe
+    recipe = Recipe("r", "", {"q_proj": 4}, {}, None, group_size)
+    assert recipe.lut_group_size(rows) == expected
+
+
+def test_plan_resolves_group_sizes_per_matrix_with_one_note_per_kind(tmp_path, gqa_checkpoint, caplog):
+    from qwen3build.build.plan import make_plan
+    caplog.set_level(logging.INFO, logger="qwen3build")
+    plan = make_plan(plan_settings(tmp_path, gqa_checkpoint, SEQ_LEN="32", RECIPE="default"), environ={})
+    # gqa: q 128 rows, k/v 64, o 64, gate/up 96, down 64 output channels; the recipe says 128.
+    expected = {"q_proj": 128, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 96, "up_proj": 96,
+                "down_proj": 64}
+    assert all(plan.group_sizes(layer) == expected for layer in range(plan.config.num_hidden_layers))
+    notes = [r.getMessage() for r in caplog.records if "LUT groups are" in r.getMessage()]
+    assert len(notes) == 6, notes  # one per affected kind, not one per layer
+    assert any("k_proj has 64 output channels, not a multiple of group_size 128: its LUT groups are 64 rows" in n
+               for n in notes)
+
+
+def test_plan_notes_come_only_after_every_check_passed(tmp_path, gqa_checkpoint, caplog):
+    from qwen3build.build.plan import make_plan
+    caplog.set_level(logging.INFO, logger="qwen3build")
+    with pytest.raises(BuildError, match="SCALES"):
+        make_plan(plan_settings(tmp_path, gqa_checkpoint, RECIPE="default", SCALES=str(tmp_path / "none.npy")),
+                  environ={})
+    assert not caplog.records  # a refusal is the only line a user sees

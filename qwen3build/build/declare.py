@@ -119,7 +119,7 @@ class Declarations:
         kinds = [kind for kind, bits in allocation.items() if bits]
         files = ({kind: self._file(path) for kind, path in external_layer_packs(plan, layer).items()}
                  if plan.settings.LUT_DIR else {})
-        values = {"layer": layer, "bits": allocation, "group_size": recipe.group_size}
+        values = {"layer": layer, "bits": allocation, "group_size": plan.group_sizes(layer)}  # kind -> LUT rows
         return self._make(f"quant:{name}", "quant-layer", "quant", [name], ["quant"], values,
                               tensors=[layer_tensor_name(layer, k) for k in kinds], files=files, tools=NUMPY_TOOLS)
 
@@ -135,6 +135,7 @@ class Declarations:
         if spec.is_exit:
             rows[str(plan.config.num_hidden_layers)] = scales[-1].tolist()
         bits = {str(layer): plan.allocation(layer) for layer in spec.layers}
+        group_sizes = {str(layer): plan.group_sizes(layer) for layer in plan.quantized_layers(spec.layers)}
         tensors = [layer_tensor_name(layer, kind) for layer in spec.layers for kind in NORMS]
         tensors += [layer_tensor_name(layer, kind) for layer in spec.layers for kind in PROJECTIONS
                     if not plan.allocation(layer)[kind]]
@@ -149,7 +150,8 @@ class Declarations:
         values = {"model": plan.config.subset(SHARD_FIELDS), "shard": dataclasses.asdict(spec),
                   "SEQ_LEN": settings.SEQ_LEN, "PALETTIZE_MASKS": settings.PALETTIZE_MASKS,
                   "KV_WRITE": settings.KV_WRITE,
-                  "scales": rows, "bits": bits, "metadata": {f"qwen3build.{k}": str(v) for k, v in metadata.items()}}
+                  "scales": rows, "bits": bits, "group_sizes": group_sizes,
+                  "metadata": {f"qwen3build.{k}": str(v) for k, v in metadata.items()}}
         return self._make(f"shard:{name}", "shard", "shard", [f"{package}.mlpackage", f"{package}.mil"],
                               ["packages", "mil"], values, tensors=tensors, upstream=upstream)
 

@@ -1,26 +1,33 @@
 """The build plan: settings + model config + layout + recipe + checkpoint files, validated
 up front.
 
-Making a plan reads config.json and the safetensors headers, never weight bytes, so
-every input error surfaces before any work, and dodo.py stays fast.
+Making a plan reads config.json, the safetensors headers and index, the recipe, SCALES and
+the headers of external packs, never weight bytes, and writes nothing: every input error
+that can be known without the weights' values surfaces before any work (docs/checks.md),
+and dodo.py stays fast.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
+import os
 from pathlib import Path
 
+import numpy as np
+
 from ..checkpoint.reader import Checkpoint, resolve_weight_files
-from ..checkpoint.tensors import layer_tensor_name
+from ..checkpoint.tensors import LAYER_TENSORS, layer_tensor_name
 from ..errors import BuildError
+from ..graph.slanc import validate_scales
 from ..paths import BuildTree
-from ..quant.packs import embed_pack_names, layer_pack_dir
+from ..quant.packfile import inspect_pack
+from ..quant.packs import EMBED_PACKS, embed_pack_names, layer_pack_dir
 from ..settings.layout import ShardSpec, parse_layout
 from ..settings.limits import ANE_MAX_LAYERS_PER_SHARD
-from ..settings.model_config import ModelConfig, load_model_config
+from ..settings.model_config import PROJECTIONS, ModelConfig, load_model_config
 from ..settings.recipes import Recipe, load_recipe
-from ..settings.settings import Settings, load_settings
+from ..settings.settings import Settings, load_settings, parse_seq_len
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,12 @@ class Plan:
 
     def allocation(self, layer: int) -> dict:
         return self.recipe.layer_allocation(layer, self.config.num_hidden_layers)
+
+    def group_sizes(self, layer: int) -> dict[str, int]:
+        """LUT rows per group of each quantized projection of `layer`: the recipe's
+        group_size, or the largest divisor of the matrix's output channels below it."""
+        return {kind: self.recipe.lut_group_size(LAYER_TENSORS[kind][1](self.config)[0])
+                for kind, bits in self.allocation(layer).items() if bits}
 
     def shard(self, name: str) -> ShardSpec:
         for spec in self.layout:
@@ -98,43 +111,123 @@ class Plan:
 
 
 def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Plan:
+    """Settings, config.json, layout, recipe, the safetensors headers and index, external
+    packs and scales, and the output locations, all checked: a bad input is refused here,
+    in one line, before any task runs. Notes (defaults fitted to the model) are logged
+    once every check has passed."""
+    notes: list[tuple[int, str]] = []
     settings = load_settings(overrides, environ)
     config = load_model_config(settings.CONFIG)
+    settings = _fit_seq_len(settings, config, notes)
     layout = parse_layout(settings.SHARDS, config.num_hidden_layers)
-    if settings.SEQ_LEN > config.max_position_embeddings:
-        raise BuildError(f"SEQ_LEN={settings.SEQ_LEN} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}; choose SEQ_LEN <= {config.max_position_embeddings}")
     recipe = load_recipe(settings.RECIPE, settings.RECIPE_FILE)
+    recipe.check_depth(config.num_hidden_layers)
     files, index = resolve_weight_files(settings.CONFIG, settings.WEIGHTS, settings.WEIGHTS_INDEX, settings.WEIGHTS_GLOB)
     for spec in layout:
         if len(spec.layers) > ANE_MAX_LAYERS_PER_SHARD:
-            log.warning("shard %s has %d layers: above ~%d layers per chunk the ANE compiler has been seen to fail",
-                        spec.name, len(spec.layers), ANE_MAX_LAYERS_PER_SHARD)
-    if settings.LUT_DIR is not None and not settings.LUT_DIR.is_dir():
-        raise BuildError(f"LUT_DIR={settings.LUT_DIR} is not a directory of layerNN/<kind>.npz packs (docs/quantization.md)")
-    if settings.OMNIQ_DIR is not None and not settings.OMNIQ_DIR.is_dir():
-        raise BuildError(f"OMNIQ_DIR={settings.OMNIQ_DIR} is not a directory of embed_tokens.npz / lm_head.npz packs")
-    if settings.SCALES is not None and not settings.SCALES.is_file():
-        raise BuildError(f"SCALES={settings.SCALES} does not exist; give a .npy of shape (layers + 1, 4) or leave SCALES empty")
+            notes.append((logging.WARNING, f"shard {spec.name} has {len(spec.layers)} layers: above "
+                          f"~{ANE_MAX_LAYERS_PER_SHARD} layers per chunk the ANE compiler has been seen to fail"))
+    for key in ("LUT_DIR", "OMNIQ_DIR"):
+        path = getattr(settings, key)
+        if path is not None and not path.is_dir():
+            state = "does not exist" if not path.exists() else "is not a directory"
+            raise BuildError(f"{key}={path} {state}; point it at a directory of packs laid out as "
+                             "docs/quantization.md says, or leave it empty")
     plan = Plan(settings, config, layout, tuple(files), index, recipe)
-    _check_recipe_fits(plan)
+    plan.checkpoint  # every safetensors header and the index, against config.json (no weight bytes read)
+    _check_recipe_fits(plan, notes)
     _check_external_packs(plan)
+    _check_scales(plan)
+    _check_output_locations(settings)
+    for level, note in notes:
+        log.log(level, "%s", note)
     return plan
 
 
-def _check_recipe_fits(plan: Plan) -> None:
-    """Every quantized matrix splits into whole LUT groups / blockwise blocks."""
-    from ..checkpoint.tensors import LAYER_TENSORS
+def _fit_seq_len(settings: Settings, config: ModelConfig, notes: list) -> Settings:
+    """SEQ_LEN beyond the model's max_position_embeddings: a given value is refused, the
+    default is lowered to the model's maximum (with a note)."""
+    limit = config.max_position_embeddings
+    if settings.SEQ_LEN <= limit:
+        return settings
+    if "SEQ_LEN" in settings.given:
+        raise BuildError(f"SEQ_LEN={settings.SEQ_LEN} exceeds the model's max_position_embeddings={limit}; "
+                         f"choose SEQ_LEN <= {limit}")
+    notes.append((logging.INFO, f"SEQ_LEN: the default {settings.SEQ_LEN} exceeds the model's "
+                  f"max_position_embeddings={limit}; using SEQ_LEN={limit} (set SEQ_LEN to choose)"))
+    return dataclasses.replace(settings, SEQ_LEN=parse_seq_len(limit))
+
+
+def _check_recipe_fits(plan: Plan, notes: list) -> None:
+    """Every quantized matrix splits into whole LUT groups (a smaller group where the
+    recipe's does not divide it: one note per matrix kind) and the embedding/head into
+    whole blockwise blocks."""
     recipe, config = plan.recipe, plan.config
+    kinds: dict[str, int] = {}  # quantized kind -> its widest bits
     for layer in plan.quantized_layers():
         for kind, bits in plan.allocation(layer).items():
-            rows = LAYER_TENSORS[kind][1](config)[0]
-            if bits and rows % recipe.group_size:
-                raise BuildError(f"RECIPE={recipe.name}: {kind} has {rows} output channels, not a multiple of the LUT "
-                                 f"group_size {recipe.group_size}; use RECIPE=fp16 or a recipe with a group_size dividing it")
+            if bits:
+                kinds[kind] = max(bits, kinds.get(kind, 0))
+    for kind in (k for k in PROJECTIONS if k in kinds):
+        rows, cols = LAYER_TENSORS[kind][1](config)
+        size = recipe.lut_group_size(rows)
+        if size == recipe.group_size:
+            continue
+        note = (f"RECIPE={recipe.name}: {kind} has {rows} output channels, not a multiple of group_size "
+                f"{recipe.group_size}: its LUT groups are {size} rows")
+        lut_bits_per_weight = 16 * (1 << kinds[kind]) / (size * cols)
+        if kinds[kind] + lut_bits_per_weight >= 16:
+            note += f" (with its LUTs, no smaller than fp16: consider leaving {kind} out of the recipe)"
+        notes.append((logging.INFO, note))
     if recipe.embed_bits and config.hidden_size % recipe.embed_block_size:
         raise BuildError(f"RECIPE={recipe.name}: hidden size {config.hidden_size} is not a multiple of the embedding "
                          f"block size {recipe.embed_block_size}; use a recipe without embed_bits")
+
+
+def _check_scales(plan: Plan) -> None:
+    """SCALES: a .npy of (layers + 1, 4) finite pre-scales fp16 can hold (a few bytes: read now)."""
+    path = plan.settings.SCALES
+    if path is None:
+        return
+    remedy = "give a .npy of shape (layers + 1, 4) or leave SCALES empty"
+    if path.is_dir():
+        raise BuildError(f"SCALES={path} is a directory; {remedy}")
+    if not path.is_file():
+        raise BuildError(f"SCALES={path} does not exist; {remedy}")
+    try:
+        scales = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BuildError(f"SCALES={path}: not a readable .npy array ({type(exc).__name__}); {remedy}") from None
+    try:
+        validate_scales(scales, plan.config.num_hidden_layers, f"SCALES={path}")
+    finally:
+        if hasattr(scales, "close"):  # an .npz archive
+            scales.close()
+
+
+# Output settings, and whether the setting is a published link (swapped in its folder).
+OUTPUT_LOCATIONS = {"OUT_DIR": True, "MIL_DIR": True, "TMP_DIR": False, "CACHE_DIR": False}
+
+
+def _check_output_locations(settings: Settings) -> None:
+    """Each output location is, or can be made as, a directory this process can write: its
+    nearest existing folder is a writable directory (not a file, not read-only). A full
+    disk shows only when written to (build/actions.py names the path then)."""
+    places = [(key, getattr(settings, key), linked) for key, linked in OUTPUT_LOCATIONS.items()]
+    places.append(("OUT_DIR", settings.tree.artifacts, False))  # its state, lock and generations
+    for key, path, linked in places:
+        if path.exists() and not path.is_dir():
+            raise BuildError(f"{key}={getattr(settings, key)}: {path} is a file, not a directory; "
+                             f"point {key} at a directory")
+        place = path.parent if linked else path
+        while not place.exists() and place != place.parent:
+            place = place.parent
+        if not place.is_dir():
+            raise BuildError(f"{key}={getattr(settings, key)}: {place} is a file, not a directory; "
+                             f"point {key} at a directory")
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise BuildError(f"{key}={getattr(settings, key)}: {place} is not writable; make it writable "
+                             f"or point {key} elsewhere")
 
 
 def external_layer_packs(plan: Plan, layer: int) -> dict[str, Path]:
@@ -149,7 +242,9 @@ def external_embed_packs(plan: Plan) -> dict[str, Path]:
 
 
 def _check_external_packs(plan: Plan) -> None:
-    """Every pack LUT_DIR / OMNIQ_DIR must supply exists (contents are validated when used)."""
+    """Every pack LUT_DIR / OMNIQ_DIR must supply exists, and its layout (kind, bits, shape,
+    group size, array shapes and dtypes) fits its tensor, read from the packs' headers;
+    the values themselves (finite LUTs, indices in range) are checked when used."""
     settings = plan.settings
     if settings.LUT_DIR is not None:
         missing = [str(path.relative_to(settings.LUT_DIR)) for layer in plan.quantized_layers()
@@ -157,11 +252,30 @@ def _check_external_packs(plan: Plan) -> None:
         if missing:
             more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
             raise BuildError(f"LUT_DIR={settings.LUT_DIR} lacks {', '.join(missing[:3])}{more} "
-                             f"needed by RECIPE={plan.recipe.name}; see docs/quantization.md for the layout")
+                             f"needed by RECIPE={plan.recipe.name}; make them (docs/quantization.md has the layout) "
+                             "or leave LUT_DIR empty")
+        for layer in plan.quantized_layers():
+            allocation, sizes = plan.allocation(layer), plan.group_sizes(layer)
+            for kind, path in external_layer_packs(plan, layer).items():
+                shape = plan.checkpoint.shape(layer_tensor_name(layer, kind))
+                try:
+                    layout = inspect_pack(path, shape, expect_bits=allocation[kind], expect_kind="lut")
+                except ValueError as error:
+                    raise BuildError(f"LUT_DIR: {error}") from None
+                if layout["group_size"] != sizes[kind]:
+                    raise BuildError(f"LUT_DIR: {path}: group_size {layout['group_size']} but the recipe uses "
+                                     f"{sizes[kind]} for {kind}; refit the pack or change the recipe")
     if settings.OMNIQ_DIR is not None and plan.recipe.embed_bits:
         missing = [path.name for path in external_embed_packs(plan).values() if not path.is_file()]
         if missing:
-            raise BuildError(f"OMNIQ_DIR={settings.OMNIQ_DIR} lacks {', '.join(missing)} needed by RECIPE={plan.recipe.name}")
+            raise BuildError(f"OMNIQ_DIR={settings.OMNIQ_DIR} lacks {', '.join(missing)} needed by "
+                             f"RECIPE={plan.recipe.name}; make them (docs/quantization.md) or leave OMNIQ_DIR empty")
+        for name, path in external_embed_packs(plan).items():
+            shape = plan.checkpoint.shape(EMBED_PACKS[name])
+            try:
+                inspect_pack(path, shape, expect_bits=plan.recipe.embed_bits, expect_kind="blockwise")
+            except ValueError as error:
+                raise BuildError(f"OMNIQ_DIR: {error}") from None
 
 
 def tensors_of_layer(layer: int, kinds) -> list[str]:

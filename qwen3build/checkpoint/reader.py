@@ -11,6 +11,9 @@ import dataclasses
 import glob as globlib
 import json
 import logging
+import math
+import os
+import re
 import struct
 from pathlib import Path
 
@@ -22,7 +25,16 @@ from .tensors import expected_tensors, layer_tensor_name
 
 log = logging.getLogger(__name__)
 
+_LAYER_RE = re.compile(r"^model\.layers\.([0-9]+)\.")
+
 _DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+# Bytes per element of every safetensors dtype (the format's own list), to check a
+# header's offsets even for tensors the build does not read.
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
+                           "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+# The safetensors format's own bound on the JSON header (the reference reader refuses more).
+MAX_HEADER_BYTES = 100_000_000
+_REDOWNLOAD = "re-download or re-export the checkpoint"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,28 +46,110 @@ class TensorEntry:
     end: int
 
 
+def _unique_keys(pairs):
+    """json object_pairs_hook: a key given twice is an error, not "the last one wins"."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of one safetensors file, from its header alone, each checked: a known
+    dtype, a shape of whole numbers, data offsets inside the file's data, not overlapping,
+    spanning exactly dtype size x elements. One-line BuildError naming the file otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise BuildError(f"{path} is a directory, not a safetensors file; point WEIGHTS at a .safetensors file")
+
+    def bad(problem: str):
+        return BuildError(f"{path}: {problem}; {_REDOWNLOAD}")
+
     try:
+        size = path.stat().st_size
         with open(path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > 100_000_000:
-                raise ValueError("header length is implausible")
-            header = json.loads(handle.read(header_len))
-    except (OSError, ValueError, struct.error) as exc:
-        raise BuildError(f"{path}: not a readable safetensors file ({exc})") from None
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise bad(f"{size} bytes, too short for a safetensors header (truncated or not safetensors)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise bad(f"header length {header_len} runs past the end of the {size}-byte file "
+                          "(truncated or not safetensors)")
+            text = handle.read(header_len)
+    except OSError as exc:
+        raise BuildError(f"{path}: cannot read ({exc.strerror}); check the file and its permissions") from None
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise bad(f"header is not valid JSON ({exc}), so this is not a (complete) safetensors file") from None
+    if not isinstance(header, dict):
+        raise bad(f"header is a JSON {type(header).__name__}, not an object")
+    data_bytes = size - 8 - header_len
     base = 8 + header_len
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(Path(path), info["dtype"], tuple(info["shape"]), base + begin, base + end)
+        if not isinstance(info, dict):
+            raise bad(f"header entry {name} is {info!r}, not an object with dtype, shape and data_offsets")
+        missing = [key for key in ("dtype", "shape", "data_offsets") if key not in info]
+        if missing:
+            raise bad(f"header entry {name} has no {' / '.join(missing)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPE_BYTES:
+            raise bad(f"tensor {name} has dtype {dtype!r}, not a safetensors dtype")
+        if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+            raise bad(f"tensor {name} has shape {shape!r}, not a list of whole numbers")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n) for n in offsets)
+                or offsets[0] > offsets[1]):
+            raise bad(f"tensor {name} has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        expected = SAFETENSORS_DTYPE_BYTES[dtype] * math.prod(shape)
+        if end - begin != expected:
+            raise bad(f"tensor {name}: data_offsets {offsets} span {end - begin} bytes but {dtype} {shape} "
+                      f"needs {expected}")
+        if end > data_bytes:
+            raise bad(f"tensor {name} ends at byte {base + end} but the file has {size} (truncated)")
+        entries[name] = TensorEntry(path, dtype, tuple(shape), base + begin, base + end)
+    ordered = sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end))
+    for (first, a), (second, b) in zip(ordered, ordered[1:]):
+        if b.begin < a.end:
+            raise bad(f"tensors {first} and {second} overlap (bytes {b.begin}-{min(a.end, b.end)})")
     return entries
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor -> file name), validated: a JSON
+    object whose weight_map maps names to files that stay inside the index's folder."""
+    from ..settings.model_config import read_json_object
+    remedy = "re-download it, or set WEIGHTS / WEIGHTS_GLOB instead of using the index"
+    raw = read_json_object(index, "WEIGHTS_INDEX", remedy)
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        shown = "no weight_map" if "weight_map" not in raw else f"weight_map={str(weight_map)[:60]!r}"
+        raise BuildError(f"{index}: {shown}; a safetensors index maps each tensor name to its file; {remedy}")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file.strip():
+            raise BuildError(f"{index}: weight_map[{name!r}] = {file!r} is not a file name; {remedy}")
+        relative = Path(file)
+        if relative.is_absolute() or os.path.normpath(relative).split(os.sep)[0] == "..":
+            raise BuildError(f"{index}: weight_map places {name} in {file}, outside the checkpoint folder "
+                             f"{index.parent}; keep the shard files beside the index (names relative to it)")
+    return weight_map
 
 
 def resolve_weight_files(config_path: Path, weights: Path | None, index: Path | None, pattern: str) -> tuple[list[Path], Path | None]:
     """The safetensors files to read and the index that lists them (if any)."""
     if weights is not None:
+        if weights.is_dir():
+            raise BuildError(f"WEIGHTS={weights} is a directory; point WEIGHTS at a .safetensors file (or set "
+                             f"WEIGHTS_GLOB to e.g. {weights}/*.safetensors)")
         if not weights.is_file():
             raise BuildError(f"WEIGHTS={weights} does not exist; point it at a .safetensors file")
         return [weights], None
@@ -68,15 +162,16 @@ def resolve_weight_files(config_path: Path, weights: Path | None, index: Path | 
         else:
             pattern = str(config_path.with_name("*.safetensors"))
     if index is not None:
-        if not index.is_file():
-            raise BuildError(f"WEIGHTS_INDEX={index} does not exist")
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        if not index.exists():
+            raise BuildError(f"WEIGHTS_INDEX={index} does not exist; point it at model.safetensors.index.json")
+        weight_map = read_index(index)
         files = sorted({index.parent / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise BuildError(f"{index.name} names missing shard file(s): {', '.join(missing)}")
+            raise BuildError(f"{index.name} names missing shard file(s): {', '.join(missing)}; download them "
+                             "or fix the index")
         return files, index
-    files = sorted(Path(p) for p in globlib.glob(pattern))
+    files = sorted(Path(p) for p in globlib.glob(pattern) if Path(p).is_file())
     if not files:
         raise BuildError(f"no safetensors files match {pattern!r}; set WEIGHTS, WEIGHTS_INDEX or WEIGHTS_GLOB")
     return files, None
@@ -126,7 +221,8 @@ class TensorSource:
                                  "the checkpoint is damaged: re-download or re-export it")
             flat_out[start:start + rows_per_block] = block
         if not np.all(np.isfinite(out)):
-            raise BuildError(f"{name}: values beyond fp16 range (|x| > 65504); this checkpoint cannot be lowered to fp16")
+            raise BuildError(f"{name}: values beyond fp16 range (|x| > 65504) in {entry.file.name}; this checkpoint "
+                             "cannot be lowered to fp16: use one whose weights fit fp16")
         return out
 
 
@@ -140,24 +236,42 @@ class Checkpoint(TensorSource):
         for path in files:
             for name, entry in read_safetensors_header(path).items():
                 if name in self.entries:
-                    raise BuildError(f"tensor {name} appears in both {self.entries[name].file.name} and {path.name}")
+                    raise BuildError(f"tensor {name} appears in both {self.entries[name].file} and {path}; "
+                                     "keep one copy (set WEIGHTS, WEIGHTS_INDEX or WEIGHTS_GLOB to choose the files)")
                 self.entries[name] = entry
         if index is not None:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            wrong = [n for n, f in weight_map.items() if n in self.entries and self.entries[n].file.name != Path(f).name]
-            if wrong:
-                raise BuildError(f"{index.name} places {wrong[0]} in {weight_map[wrong[0]]} but it is in {self.entries[wrong[0]].file.name}")
+            for name, file in read_index(index).items():
+                if name not in self.entries:
+                    raise BuildError(f"{index.name} places {name} in {file} but that file has no such tensor; "
+                                     "the index and the files disagree: re-download them together")
+                if self.entries[name].file.name != Path(file).name:
+                    raise BuildError(f"{index.name} places {name} in {file} but it is in "
+                                     f"{self.entries[name].file.name}; re-download the index with the files")
+        self._check_against_config(config)
+
+    def _check_against_config(self, config: ModelConfig) -> None:
+        """Every tensor config.json implies is present with its shape and a readable dtype,
+        and no layer beyond num_hidden_layers exists (a config that says fewer layers than
+        the checkpoint has would build a truncated model)."""
+        depth = config.num_hidden_layers
+        deepest = max((int(m.group(1)) for name in self.entries if (m := _LAYER_RE.match(name))), default=-1)
+        if deepest >= depth:
+            raise BuildError(f"config.json says num_hidden_layers={depth} but the checkpoint has layers 0-{deepest}; "
+                             f"fix num_hidden_layers (to {deepest + 1}) or use the config that came with the weights")
         expected = expected_tensors(config)
         missing = [n for n in expected if n not in self.entries]
         if missing:
             more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise BuildError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}{more}")
+            raise BuildError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:5])}{more}; "
+                             "check that config.json belongs to these weights and that every shard is present")
         for name, shape in expected.items():
             entry = self.entries[name]
             if entry.shape != shape:
-                raise BuildError(f"{name}: shape {entry.shape} in {entry.file.name}, but config.json implies {shape}")
+                raise BuildError(f"{name}: shape {entry.shape} in {entry.file.name}, but config.json implies {shape}; "
+                                 "check that config.json belongs to these weights")
             if entry.dtype not in _DTYPES:
-                raise BuildError(f"{name}: dtype {entry.dtype} is not supported; use BF16, F16 or F32 weights")
+                raise BuildError(f"{name}: dtype {entry.dtype} is not supported; use BF16, F16 or F32 weights "
+                                 "(re-export the checkpoint in one of them)")
 
     @property
     def head_name(self) -> str:

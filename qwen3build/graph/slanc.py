@@ -75,11 +75,32 @@ def compute_slanc_scales(tensors, config, progress=None) -> tuple[np.ndarray, di
     return scales, {"estimates": estimates}
 
 
-def validate_scales(scales: np.ndarray, num_layers: int, where: str) -> np.ndarray:
+# A pre-scale must survive the cast to fp16: above this it is inf, below the smallest
+# subnormal it is 0 (and the norm's input would vanish).
+FP16_MAX = 65504.0
+FP16_SMALLEST_SUBNORMAL = 2.0 ** -24
+
+
+def validate_scales(scales, num_layers: int, where: str) -> np.ndarray:
+    """External SLaNC scales (SCALES=...): a real (num_layers + 1, 4) array of finite
+    pre-scales that fp16 can hold. One-line BuildError naming `where` otherwise."""
     from ..errors import BuildError
     expected = (num_layers + 1, len(COLUMNS))
+    remedy = (f"give a float .npy of shape {expected} (a build without SCALES writes one to "
+              "artifacts/numerics/slanc_scales.npy), or leave SCALES empty")
+    if not isinstance(scales, np.ndarray):
+        raise BuildError(f"{where}: holds a {type(scales).__name__}, not one array; {remedy}")
+    if scales.dtype == np.bool_ or not (np.issubdtype(scales.dtype, np.floating)
+                                        or np.issubdtype(scales.dtype, np.integer)):
+        raise BuildError(f"{where}: SLaNC scales have dtype {scales.dtype}, not numbers; {remedy}")
     if scales.shape != expected:
-        raise BuildError(f"{where}: SLaNC scales have shape {scales.shape}, expected {expected} (num_layers + 1, {'/'.join(COLUMNS)})")
-    if not np.all(np.isfinite(scales)) or np.any(scales <= 0):
-        raise BuildError(f"{where}: SLaNC scales must be finite and positive")
+        raise BuildError(f"{where}: SLaNC scales have shape {scales.shape}, expected {expected} "
+                         f"(num_layers + 1, {'/'.join(COLUMNS)}); {remedy}")
+    values = scales.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise BuildError(f"{where}: SLaNC scales must be finite and positive, but hold NaN or inf; {remedy}")
+    if np.any(values < FP16_SMALLEST_SUBNORMAL) or np.any(values > FP16_MAX):
+        raise BuildError(f"{where}: SLaNC scales must be finite and positive, within fp16 range "
+                         f"({FP16_SMALLEST_SUBNORMAL:.3g}..{FP16_MAX:g}), got {values.min():.3g}..{values.max():.3g}; "
+                         f"{remedy}")
     return scales.astype(np.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +34,21 @@ def embed_pack_names(tied: bool) -> list[str]:
     return ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
 
 
-def make_layer_packs(tensors, allocation: dict, group_size: int, layer: int, out_dir: Path,
+def make_layer_packs(tensors, allocation: dict, group_size: int | Mapping, layer: int, out_dir: Path,
                      external: dict[str, Path] | None = None) -> dict:
     """Write <kind>.npz for every quantized projection of `layer` into out_dir; returns stats.
 
     tensors: a tensor source (name -> fp32 array, `.shape(name)`, `.dtype(name)`);
-    allocation: kind -> bits (None = fp16, no pack); external: kind -> a pack file made
-    elsewhere (LUT_DIR), validated and used instead of fitting."""
+    allocation: kind -> bits (None = fp16, no pack); group_size: LUT rows per group, one
+    for every kind or kind -> size (the plan's per-matrix sizes); external: kind -> a pack
+    file made elsewhere (LUT_DIR), validated and used instead of fitting."""
     from ..checkpoint.tensors import layer_tensor_name
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = {}
     for kind, bits in allocation.items():
         if not bits:
             continue
+        size = group_size[kind] if isinstance(group_size, Mapping) else group_size
         name = layer_tensor_name(layer, kind)
         shape = tensors.shape(name)
         started = time.perf_counter()
@@ -56,14 +59,14 @@ def make_layer_packs(tensors, allocation: dict, group_size: int, layer: int, out
                 pack = load_pack(source, shape, expect_bits=bits)
             except ValueError as error:
                 raise BuildError(f"LUT_DIR: {error}") from None
-            if pack.group_size != group_size:
+            if pack.group_size != size:
                 raise BuildError(f"LUT_DIR: {source}: group_size {pack.group_size} but the recipe uses "
-                                 f"{group_size}; refit the pack or change the recipe")
+                                 f"{size} for {kind}; refit the pack or change the recipe")
             shutil.copyfile(source, out_dir / f"{kind}.npz")
             origin = "LUT_DIR"
         else:
             try:
-                pack = fit_grouped_lut(weight, bits, group_size)
+                pack = fit_grouped_lut(weight, bits, size)
             except ValueError as error:
                 raise BuildError(f"{name}: {error}") from None
             save_pack(out_dir / f"{kind}.npz", pack)

@@ -23,13 +23,20 @@ class DefaultsFile:
 
 
 def read_toml(path: Path, what: str) -> dict:
+    remedy = "point it at a TOML file of [recipes.<name>] tables (docs/quantization.md)"
+    if Path(path).is_dir():
+        raise BuildError(f"{what}={path} is a directory; {remedy}")
     try:
         with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
-        raise BuildError(f"{what}={path} does not exist") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise BuildError(f"{what}={path}: cannot read as TOML ({exc})") from None
+        raise BuildError(f"{what}={path} does not exist; {remedy}") from None
+    except OSError as exc:
+        raise BuildError(f"{what}={path}: cannot read ({exc.strerror}); {remedy}") from None
+    except UnicodeDecodeError:
+        raise BuildError(f"{what}={path}: not a text file, so not TOML; {remedy}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BuildError(f"{what}={path}: not valid TOML ({exc}); fix the syntax") from None
 
 
 @functools.lru_cache(maxsize=None)

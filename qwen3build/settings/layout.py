@@ -43,6 +43,7 @@ def preset_layout(num_layers: int) -> str:
     return f"left:0-{cut1 - 1},mid:{cut1}-{cut2 - 1},right:{cut2}-{num_layers - 1}"
 
 
+_EXAMPLE = "write name:first-last,... e.g. left:0-10,mid:11-19,right:20-27, or SHARDS=preset"
 _SHARD_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):([0-9]+)-([0-9]+)$")
 
 
@@ -52,32 +53,39 @@ def parse_layout(text: str, num_layers: int) -> tuple[ShardSpec, ...]:
     where = f"SHARDS={spec_text!r}"
     items = [item.strip() for item in spec_text.split(",")]
     if not spec_text.strip() or any(not item for item in items):
-        raise BuildError(f"{where}: empty shard entry; write name:first-last,... e.g. left:0-10,mid:11-19,right:20-27")
+        raise BuildError(f"{where}: empty shard entry; {_EXAMPLE}")
     parsed = []
     for item in items:
         match = _SHARD_RE.match(item)
         if not match:
-            raise BuildError(f"{where}: {item!r} is not name:first-last (one contiguous inclusive range per shard)")
+            raise BuildError(f"{where}: {item!r} is not name:first-last (one contiguous inclusive range per shard); "
+                             f"{_EXAMPLE}")
         name, first, last = match.group(1), int(match.group(2)), int(match.group(3))
         if first > last:
-            raise BuildError(f"{where}: shard {name!r} is empty ({first} > {last}); ranges are inclusive, first <= last")
+            raise BuildError(f"{where}: shard {name!r} is empty ({first} > {last}); write first <= last (ranges are "
+                             "inclusive)")
         if last >= num_layers:
-            raise BuildError(f"{where}: shard {name!r} reaches layer {last} but the model has layers 0-{num_layers - 1}")
+            raise BuildError(f"{where}: shard {name!r} reaches layer {last} but the model has layers 0-{num_layers - 1}; "
+                             f"fix SHARDS or use SHARDS=preset")
         parsed.append((name, first, last))
     names = [p[0] for p in parsed]
     for name in names:
         if names.count(name) > 1:
-            raise BuildError(f"{where}: shard {name!r} appears twice; a shard must be one contiguous range")
+            raise BuildError(f"{where}: shard {name!r} appears twice; give each shard one contiguous range and "
+                             "its own name")
     parsed.sort(key=lambda p: p[1])
     expected = 0
     for name, first, last in parsed:
         if first > expected:
-            raise BuildError(f"{where}: gap, layers {expected}-{first - 1} belong to no shard")
+            raise BuildError(f"{where}: gap, layers {expected}-{first - 1} belong to no shard; fix SHARDS so the "
+                             "ranges cover every layer once")
         if first < expected:
-            raise BuildError(f"{where}: overlap, shard {name!r} starts at {first} but layer {first} is already covered")
+            raise BuildError(f"{where}: overlap, shard {name!r} starts at {first} but layer {first} is already covered; "
+                             "fix SHARDS so the ranges cover every layer once")
         expected = last + 1
     if expected != num_layers:
-        raise BuildError(f"{where}: gap, layers {expected}-{num_layers - 1} belong to no shard")
+        raise BuildError(f"{where}: gap, layers {expected}-{num_layers - 1} belong to no shard; fix SHARDS so the "
+                         "ranges cover every layer once")
     count = len(parsed)
     return tuple(ShardSpec(name, first, last, is_entry=i == 0, is_exit=i == count - 1)
                  for i, (name, first, last) in enumerate(parsed))

@@ -45,23 +45,28 @@ class Settings:
     KV_WRITE: str
     RECIPE: str
     RECIPE_FILE: Path
+    # Settings the environment or a doit variable gave (the rest are qwen3build.toml's
+    # defaults): a default may be fitted to the model (SEQ_LEN), a given value never is.
+    given: frozenset = dataclasses.field(default=frozenset(), compare=False)
 
     @property
     def tree(self) -> BuildTree:
         return BuildTree(self.OUT_DIR, self.MIL_DIR, self.TMP_DIR, self.CACHE_DIR)
 
     def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()
+                if k != "given"}
 
 
 def closest_name(name: str, allowed) -> str:
     """' (did you mean X?)' when a known name is close to `name`, else ''."""
-    match = difflib.get_close_matches(name.upper(), list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean {match[0]}?)" if match else ""
+    spelled = {str(option).lower(): str(option) for option in allowed}  # case-insensitive match
+    match = difflib.get_close_matches(str(name).lower(), list(spelled), n=1, cutoff=0.6)
+    return f" (did you mean {spelled[match[0]]}?)" if match else ""
 
 
 def unknown_setting(name: str, allowed=SETTING_KEYS) -> BuildError:
-    return BuildError(f"unknown setting {name}{closest_name(name, allowed)}; allowed: {', '.join(allowed)}")
+    return BuildError(f"unknown setting {name}{closest_name(name, allowed)}; use one of: {', '.join(allowed)}")
 
 
 def parse_bool(key: str, raw) -> bool:
@@ -77,7 +82,7 @@ def parse_bool(key: str, raw) -> bool:
 
 def parse_choice(key: str, raw, allowed) -> str:
     if not isinstance(raw, str) or raw.strip() not in allowed:
-        raise BuildError(f"{key}={raw!r} is not one of {', '.join(allowed)}")
+        raise BuildError(f"{key}={raw!r} is not one of {', '.join(allowed)}; choose one of them")
     return raw.strip()
 
 
@@ -90,7 +95,7 @@ def parse_whole(key: str, raw, low: int, high: int, example: str) -> int:
         raise BuildError(f"{key}={raw!r} is not a whole number: {example}")
     value = int(text)
     if not low <= value <= high:
-        raise BuildError(f"{key}={value} is out of range: it must be between {low} and {high}")
+        raise BuildError(f"{key}={value} is out of range: choose a value between {low} and {high}")
     return value
 
 
@@ -110,19 +115,22 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
     missing = [key for key in SETTING_KEYS if key not in raw]
     if missing:
         raise BuildError(f"{defaults_file.name} does not give {', '.join(missing)}; every setting needs a default there")
+    given = set()
     for key in SETTING_KEYS:
         if key in environ:
             raw[key] = environ[key]
+            given.add(key)
     for key, value in (overrides or {}).items():
         if key not in SETTING_KEYS:
             raise unknown_setting(key)
         raw[key] = value
+        given.add(key)
     base = defaults_file.parent
 
     def path_or_none(key):
         value = raw[key]
         if not isinstance(value, str):
-            raise BuildError(f"{key}={value!r} must be a path (a string)")
+            raise BuildError(f"{key}={value!r} must be a path (a string); quote it in qwen3build.toml")
         text = value.strip()
         # abspath, not resolve(): OUT_DIR and MIL_DIR are links into the published
         # generation, and must stay the links.
@@ -138,17 +146,20 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
     recipes = (defaults.recipes if recipe_file == defaults_file
                else read_toml(recipe_file, "RECIPE_FILE").get("recipes", {}))
     if not isinstance(recipes, dict):
-        raise BuildError(f"RECIPE_FILE={recipe_file}: [recipes] must hold [recipes.<name>] tables")
+        raise BuildError(f"RECIPE_FILE={recipe_file}: [recipes] must hold [recipes.<name>] tables, not "
+                         f"{type(recipes).__name__}; write each recipe as a [recipes.<name>] table")
     recipe = raw["RECIPE"]
     if not isinstance(recipe, str) or recipe.strip() not in recipes:
         raise BuildError(f"RECIPE={recipe!r} is unknown{closest_name(str(recipe), recipes)}; recipes in "
-                         f"{recipe_file.name}: {', '.join(recipes) or 'none'}")
+                         f"{recipe_file.name}: {', '.join(recipes) or 'none'}: choose one, or define "
+                         f"[recipes.<name>] in RECIPE_FILE")
     shards = raw["SHARDS"]
     if not isinstance(shards, str):
-        raise BuildError(f"SHARDS={shards!r} must be text like left:0-10,mid:11-19,right:20-27 or preset")
+        raise BuildError(f"SHARDS={shards!r} must be text; write e.g. \"left:0-10,mid:11-19,right:20-27\" or "
+                         "\"preset\"")
     glob = raw["WEIGHTS_GLOB"]
     if not isinstance(glob, str):
-        raise BuildError(f"WEIGHTS_GLOB={glob!r} must be a glob pattern (a string)")
+        raise BuildError(f"WEIGHTS_GLOB={glob!r} must be a glob pattern (a string); quote it in qwen3build.toml")
     settings = Settings(
         CONFIG=required_path("CONFIG"),
         WEIGHTS=path_or_none("WEIGHTS"),
@@ -167,7 +178,12 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         KV_WRITE=parse_choice("KV_WRITE", raw["KV_WRITE"], KV_WRITE_MODES),
         RECIPE=recipe.strip(),
         RECIPE_FILE=recipe_file,
+        given=frozenset(given),
     )
+    if settings.CONFIG.is_dir():
+        inside = settings.CONFIG / "config.json"
+        hint = str(inside) if inside.is_file() else "the checkpoint's config.json"
+        raise BuildError(f"CONFIG={settings.CONFIG} is a directory; point CONFIG at {hint}")
     if not settings.CONFIG.is_file():
         raise BuildError(f"CONFIG={settings.CONFIG} does not exist: point CONFIG at a Hugging Face config.json")
     return settings
