@@ -7,14 +7,20 @@ KMEANS), on the fp16 copy of the matrix: its exact kmeans1d path only runs on fp
 
 Reports wall time and process CPU time (the machine's 2 cores are shared, so CPU time is
 the steadier figure), the median of --repeats runs, and the MSE against the fp32 matrix.
+--baseline FILE also times the fit_grouped_lut of another copy of qwen3build/quant/lut.py
+(say, `git show HEAD~1:qwen3build/quant/lut.py > /tmp/lut_old.py`) in the same run, and
+checks that it palettizes to the same dense matrix.
 
     .venv/bin/python bench/kmeans_vs_coremltools.py [--rows 6144 --cols 2048 --bits 4 6 8]
+        [--baseline /tmp/lut_old.py]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
 import warnings
 
@@ -36,6 +42,17 @@ def ours(weight: np.ndarray, bits: int) -> np.ndarray:
     return fit_grouped_lut(weight, bits, group_size=GROUP_SIZE).dequantize()
 
 
+def load_baseline(path: str):
+    """fit_grouped_lut of another copy of lut.py, as a function like `ours`."""
+    spec = importlib.util.spec_from_file_location("baseline_lut", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_lut"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return lambda weight, bits: module.fit_grouped_lut(
+        weight, bits, group_size=GROUP_SIZE
+    ).dequantize()
+
+
 def coremltools_kmeans(weight: np.ndarray, bits: int) -> np.ndarray:
     from coremltools.optimize.coreml._quantization_passes import palettize_weights
 
@@ -53,7 +70,7 @@ def measure(fn, weight, bits, repeats):
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
     mse = float(np.mean((dense - weight) ** 2))
-    return statistics.median(walls), statistics.median(cpus), mse
+    return statistics.median(walls), statistics.median(cpus), mse, dense
 
 
 def main():
@@ -62,6 +79,7 @@ def main():
     parser.add_argument("--cols", type=int, default=2048)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 6, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", help="another lut.py to time in the same run")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     weight = bf16_rounded_normal(args.rows, args.cols)
@@ -73,12 +91,24 @@ def main():
               f"{'cpu ratio ct/ours':>17} | {'mse ours':>10} {'mse ct':>10} {'ours/ct':>8}")
     print(header)
     print("-" * len(header))
+    baseline = load_baseline(args.baseline) if args.baseline else None
+    results = []
     for bits in args.bits:
-        o_wall, o_cpu, o_mse = measure(ours, weight, bits, args.repeats)
-        c_wall, c_cpu, c_mse = measure(coremltools_kmeans, weight, bits, args.repeats)
+        o_wall, o_cpu, o_mse, o_dense = measure(ours, weight, bits, args.repeats)
+        c_wall, c_cpu, c_mse, _ = measure(coremltools_kmeans, weight, bits, args.repeats)
         print(f"{bits:>4} | {o_wall:>11.2f} {o_cpu:>6.2f} | {c_wall:>9.2f} {c_cpu:>6.2f} | "
               f"{c_cpu / o_cpu:>17.2f} | {o_mse:>10.4e} {c_mse:>10.4e} {o_mse / c_mse:>8.6f}",
               flush=True)
+        if baseline is not None:
+            b_wall, b_cpu, b_mse, b_dense = measure(baseline, weight, bits, args.repeats)
+            results.append((bits, b_wall, b_cpu, o_cpu, c_cpu, np.array_equal(b_dense, o_dense)))
+    if results:
+        print(f"\nbaseline {args.baseline}, same run, median of {args.repeats}")
+        print(f"{'bits':>4} | {'base wall s':>11} {'cpu s':>6} | {'ours cpu s':>10} | "
+              f"{'speedup':>7} | {'ct/base':>7} | same dense")
+        for bits, b_wall, b_cpu, o_cpu, c_cpu, same in results:
+            print(f"{bits:>4} | {b_wall:>11.2f} {b_cpu:>6.2f} | {o_cpu:>10.2f} | "
+                  f"{b_cpu / o_cpu:>7.2f} | {c_cpu / b_cpu:>7.2f} | {same}")
 
 
 if __name__ == "__main__":

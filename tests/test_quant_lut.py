@@ -11,6 +11,12 @@ from qwen3build.quant.packfile import load_pack, save_pack
 BRUTE_FORCE_CASES = 200
 # Our SSE may exceed the brute-force optimum only by float64 round-off.
 OPTIMALITY_RTOL = 1e-9
+OPTIMALITY_ATOL = 1e-12
+# Batches checked against the simple O(k m^2) dynamic program, per bit width.
+SIMPLE_DP_CASES = 6
+SIMPLE_DP_GROUPS = 3
+# A palettized matrix's SSE may exceed the clusters' optimum by the fp16 rounding of the LUT.
+FP16_LUT_RTOL = 1e-3
 # MSE vs coremltools' exact kmeans1d: equal optimum, up to fp16 LUT rounding ties.
 COREMLTOOLS_MSE_RTOL = 1e-6
 MEDIUM_SHAPE = (256, 512)
@@ -57,6 +63,93 @@ def test_optimal_partition_matches_brute_force():
         for row in range(batch):
             got = partition_sse(values, weights, bounds[row])
             assert got <= reference + OPTIMALITY_RTOL * (1 + reference), (case, values, weights, k)
+
+
+def simple_dp_sse(values, weights, k):
+    """Optimal weighted k-means SSE by the plain O(k m^2) dynamic program (no pruning, no
+    monotonicity), independent of the library's; k is capped at the number of points."""
+    n = len(values)
+    k = min(k, n)
+    pw = np.concatenate([[0.0], np.cumsum(weights)])
+    p1 = np.concatenate([[0.0], np.cumsum(weights * values)])
+    p2 = np.concatenate([[0.0], np.cumsum(weights * values * values)])
+
+    def cost(i, j):  # points i..j-1, vectorized over i
+        w = pw[j] - pw[i]
+        s = p1[j] - p1[i]
+        return np.where(w > 0, p2[j] - p2[i] - s * s / np.where(w > 0, w, 1), 0.0)
+
+    best = cost(np.zeros(n + 1, int), np.arange(n + 1))  # one cluster on each prefix
+    for clusters in range(2, k + 1):
+        nxt = np.full(n + 1, np.inf)
+        for j in range(clusters, n + 1):
+            i = np.arange(clusters - 1, j)
+            nxt[j] = np.min(best[i] + cost(i, j))
+        best = nxt
+    return best[n]
+
+
+def _simple_dp_batch(rng, bits, case):
+    """A batch of SIMPLE_DP_GROUPS sorted point lists: ties, weighted or not, zero weights,
+    fewer points than 2**bits, and a long one (long windows take the bounded search)."""
+    k = 1 << bits
+    rows = []
+    for group in range(SIMPLE_DP_GROUPS):
+        kind = (case + group) % 4
+        n = int(rng.integers(max(2, k // 2), 3 * k + 40))
+        if bits <= 3 and case == 0 and group == 0:
+            n = 1500
+        if kind == 0:  # many ties in value
+            values = np.sort(rng.integers(-6, 7, n).astype(np.float64) / 8)
+        else:
+            values = np.sort(rng.normal(0, 0.02, n))
+        if kind == 1:  # unweighted
+            weights = np.ones(n)
+        elif kind == 2:  # integer counts, some zero
+            weights = rng.integers(0, 5, n).astype(np.float64)
+            weights[rng.integers(0, n)] = 1.0
+        else:  # real weights with ties
+            weights = np.round(rng.random(n) * 4, 1) + 0.1
+        rows.append((values, weights))
+    return k, rows
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_optimal_partition_matches_simple_dp(bits):
+    rng = np.random.default_rng(bits)
+    for case in range(SIMPLE_DP_CASES):
+        k, rows = _simple_dp_batch(rng, bits, case)
+        width = max(len(values) for values, _ in rows)
+        # Pad like _fit_chunk does: the last value repeated with zero weight.
+        values = np.stack([np.pad(v, (0, width - len(v)), mode="edge") for v, _ in rows])
+        weights = np.stack([np.pad(w, (0, width - len(w))) for _, w in rows])
+        clusters = min(k, width)
+        bounds = optimal_partition(values, weights, clusters)
+        assert np.all(np.diff(bounds, axis=1) >= 0) and np.all(bounds[:, -1] == width)
+        again = optimal_partition(values.copy(), weights.copy(), clusters)
+        np.testing.assert_array_equal(bounds, again)  # deterministic
+        for row, (v, w) in enumerate(rows):
+            reference = simple_dp_sse(v, w, clusters)
+            got = partition_sse(values[row], weights[row], bounds[row])
+            assert got <= reference * (1 + OPTIMALITY_RTOL) + OPTIMALITY_ATOL, (
+                bits, case, row, got, reference
+            )
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fit_with_fewer_distinct_values_than_entries_is_optimal(bits):
+    rng = np.random.default_rng(11)
+    palette = np.array([-0.25, -0.0625, 0.0, 0.125, 0.5, 1.0], np.float32)
+    weight = palette[rng.integers(0, palette.size, (256, 24))]
+    weight[128:] = palette[rng.integers(0, 2, (128, 24))]  # second group: two values only
+    pack = fit_grouped_lut(weight, bits)
+    dense = pack.dequantize()
+    for group in range(2):
+        rows = weight[128 * group : 128 * (group + 1)].astype(np.float64).ravel()
+        values, counts = np.unique(rows, return_counts=True)
+        best = simple_dp_sse(values, counts.astype(np.float64), 1 << bits)
+        got = ((dense[128 * group : 128 * (group + 1)].ravel() - rows) ** 2).sum()
+        assert got <= best * (1 + FP16_LUT_RTOL) + OPTIMALITY_ATOL
 
 
 def test_fit_is_optimal_on_tiny_matrix():
