@@ -16,15 +16,19 @@ from qwen3build.errors import BuildError
 from qwen3build.logs import configure as configure_logging
 from qwen3build.settings.settings import SETTING_KEYS
 from qwen3build.verify.options import VERIFY_VARS
+from qwen3build.audit.options import AUDIT_VARS
+from qwen3build.release.options import RELEASE_VARS, VERIFY_REPORT_VARS
 
 configure_logging()
 run_id()
+glue.configure_workers()
 
 OVERRIDES = {key: get_var(key) for key in SETTING_KEYS if get_var(key) is not None}
 SOURCE = glue.source_of(OVERRIDES, os.environ)
 try:
-    glue.check_variables(doit_cmd._CMDLINE_VARS or {}, SETTING_KEYS + VERIFY_VARS)
+    glue.check_variables(doit_cmd._CMDLINE_VARS or {}, SETTING_KEYS + VERIFY_VARS + AUDIT_VARS + RELEASE_VARS)
     BUILDER = glue.builder(SOURCE)
+    JOBS = glue.default_jobs(BUILDER.plan)
 except BuildError as error:
     print(f"qwen3build: {error}", file=sys.stderr)
     sys.exit(2)
@@ -37,6 +41,9 @@ DOIT_CONFIG = {
     "verbosity": 2,
     "action_string_formatting": "new",
     "reporter": glue.OneLineFailureReporter,
+    # Workers for independent tasks (quant packs, shards, io_model side by side): every
+    # core while each worker's estimated peak memory fits (doit_glue.default_jobs).
+    "num_process": JOBS,
 }
 try:
     TREE.state_dir.mkdir(parents=True, exist_ok=True)
@@ -111,3 +118,26 @@ def task_verify():
     variables = {k: get_var(k) for k in VERIFY_VARS if get_var(k) is not None}
     return {"actions": [(glue.verify_action, (SOURCE, variables))], "task_dep": ["build"],
             "uptodate": [glue.VerifyCheck(SOURCE, variables)]}
+
+
+def task_audit():
+    """Audit the packages: bytes a decode token moves vs the minimum, ANE rule flags (docs/audit.md).
+
+    Writes artifacts/audit/audit.json (AUDIT_REPORT) and prints a table; on macOS the compute
+    plan's Neural Engine share, gated by ANE_MIN_RESIDENCY."""
+    from qwen3build.audit import doit_actions as audit_glue
+    variables = {k: get_var(k) for k in AUDIT_VARS if get_var(k) is not None}
+    return {"actions": [(audit_glue.audit_action, (SOURCE, variables))], "task_dep": ["build"],
+            "uptodate": [audit_glue.AuditCheck(SOURCE, variables)]}
+
+
+def task_release():
+    """Hugging Face release folder of the verified stack, with its model card (docs/release.md).
+
+    Zipped packages, tokenizer and config, licence files, a card with the parity and audit figures
+    of exactly these packages, SHA256SUMS; under artifacts/release/ (RELEASE_DIR). Refused without
+    a passing verify report of these packages unless RELEASE_UNVERIFIED=1."""
+    from qwen3build.release import doit_actions as release_glue
+    variables = {k: get_var(k) for k in RELEASE_VARS + VERIFY_REPORT_VARS + AUDIT_VARS if get_var(k) is not None}
+    return {"actions": [(release_glue.release_action, (SOURCE, variables))], "task_dep": ["audit"],
+            "uptodate": [release_glue.ReleaseCheck(SOURCE, variables)]}

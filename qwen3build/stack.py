@@ -95,6 +95,12 @@ class Stack:
         return [self.package(shard["package"]) for shard in self.shards]
 
     @property
+    def is_release(self) -> bool:
+        """An unzipped release bundle (qwen3build.release): packages, tokenizer and config
+        beside stack.json, and none of the build's inputs (weights, SLaNC scales, packs)."""
+        return "release" in self.info
+
+    @property
     def package_names(self) -> list[str]:
         return [self.info["io_model"]] + [s["package"] for s in self.shards] + [self.info["sampler"]]
 
@@ -127,6 +133,9 @@ def check_stack_files(stack: Stack) -> None:
     """Every file stack.json lists is present with its recorded size (cheap: stat only)."""
     for package, files in stack.info["files"].items():
         root = stack.models_dir / package
+        if not root.is_dir() and stack.is_release:
+            raise BuildError(f"{root} is missing: unzip the release's packages first "
+                             f"(`cd {stack.models_dir} && unzip -q '*.zip'`)")
         if not root.is_dir():
             raise BuildError(f"{root} is missing: {stack.models_dir} is not a complete stack; run `./dev build` again")
         for rel, (size, _digest) in files.items():

@@ -18,10 +18,9 @@ from pathlib import Path
 from ..checkpoint.digests import DigestStore, stat_signature
 from ..errors import BuildError
 from ..paths import STACK_FILE
-from . import lock, publish
+from . import keys, lock, publish, workers
 from .cache import TMP_MARK, ActionCache, owner_name, remove_path, sweep_orphans, tree_size
 from .declare import Declarations
-from .inputs import BuildInputs, DeclaredTensors, frozen
 from .faults import crash_point
 from .keys import digest_json
 from .plan import IO_MODEL, SAMPLER, Plan
@@ -42,6 +41,7 @@ class Builder:
         self.tree = plan.tree
         self.cache = ActionCache(self.tree.cache_dir)
         self._declarations: Declarations | None = None
+        keys.use_disk_cache(self.tree.cache_dir / "code_facts.json")
 
     # ------------------------------------------------------------ the lock
     def lock(self) -> None:
@@ -146,11 +146,13 @@ class Builder:
                 raise BuildError(f"{declared.artifact}: its input {up.artifact} is missing from the cache; "
                                  f"run `doit {up.artifact}` (or the whole build) again")
             upstream[name] = self.cache.output_path(up.key, up.output)
+        from .inputs import BuildInputs, DeclaredTensors, frozen  # numpy: not on the no-op path
         started = time.perf_counter()
         staging = self.cache.staging(declared.key)
         self.tree.tmp_dir.mkdir(parents=True, exist_ok=True)
         scratch = self.tree.tmp_dir / f"{declared.artifact.replace(':', '__')}{owner_name(WORK_MARK)}"
         scratch.mkdir()
+        workers.in_flight.update((staging, scratch))
         try:
             inputs = BuildInputs(artifact=declared.artifact, values=frozen(declared.values),
                                  tensors=DeclaredTensors(self.plan.checkpoint, declared.tensors, declared.artifact),
@@ -170,6 +172,7 @@ class Builder:
             raise
         finally:
             remove_path(scratch)
+            workers.in_flight.difference_update((staging, scratch))
 
     @staticmethod
     def run_body(module_name: str, inputs, outputs: dict) -> dict:

@@ -109,13 +109,19 @@ def remove_path(path: Path) -> None:
 
 
 def pid_alive(pid: int) -> bool:
+    """The process runs (a zombie, killed and not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: a killed process stays visible to kill(0) until its new parent reaps it
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def owner_name(mark: str) -> str:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 
 from ..checkpoint.tensors import layer_tensor_name
 from ..errors import BuildError
-from ..graph.sampler import DEFAULT_WINDOW
-from ..quant.packs import embed_pack_names
+from ..quant.layout import embed_pack_names
 from ..settings.model_config import NORMS, PROJECTIONS
 from ..stack import COMPUTE_UNITS
 from .cache import ActionCache
@@ -130,6 +128,7 @@ class Declarations:
         scales_path = self.upstream_output("slanc", "slanc_scales.npy")
         if scales_path is None:
             raise LookupError("slanc is not built yet")
+        import numpy as np
         scales = np.load(scales_path)
         rows = {str(layer): scales[layer].tolist() for layer in spec.layers}
         if spec.is_exit:
@@ -151,7 +150,7 @@ class Declarations:
                   "SEQ_LEN": settings.SEQ_LEN, "PALETTIZE_MASKS": settings.PALETTIZE_MASKS,
                   "KV_WRITE": settings.KV_WRITE,
                   "scales": rows, "bits": bits, "group_sizes": group_sizes,
-                  "metadata": {f"qwen3build.{k}": str(v) for k, v in metadata.items()}}
+                  "metadata": {k: str(v) for k, v in metadata.items()}}
         return self._make(f"shard:{name}", "shard", "shard", [f"{package}.mlpackage", f"{package}.mil"],
                               ["packages", "mil"], values, tensors=tensors, upstream=upstream)
 
@@ -168,11 +167,12 @@ class Declarations:
         metadata = {"package": IO_MODEL, "compute_units": COMPUTE_UNITS["io_model"], "tied": tied,
                     "quantization": quantization}
         values = {"model": config.subset(IO_FIELDS),
-                  "metadata": {f"qwen3build.{k}": str(v) for k, v in metadata.items()}}
+                  "metadata": {k: str(v) for k, v in metadata.items()}}
         return self._make(IO_MODEL, "io_model", "io_model", [f"{IO_MODEL}.mlpackage", f"{IO_MODEL}.mil"],
                               ["packages", "mil"], values, tensors=tensors, upstream=upstream)
 
     def _sampler(self, _name) -> Declared:
+        from ..graph.sampler import DEFAULT_WINDOW
         values = {"vocab_size": self.plan.config.vocab_size, "window": DEFAULT_WINDOW,
                   "compute_units": COMPUTE_UNITS["sampler"]}
         return self._make(SAMPLER, "sampler", "sampler", [f"{SAMPLER}.mlpackage", f"{SAMPLER}.mil"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sqlite3
 
 from doit.exceptions import TaskFailed
@@ -34,6 +35,70 @@ class OneLineFailureReporter(ConsoleReporter):
         super().add_failure(task, fail)
 
 
+# ---------------------------------------------------------------- worker processes
+
+START_METHOD_ENV = "QWEN3BUILD_START_METHOD"  # fork / spawn / forkserver: how `doit -n N` starts workers
+
+
+def configure_workers() -> None:
+    """Let QWEN3BUILD_START_METHOD choose how worker processes start (macOS spawns by
+    default; setting spawn on Linux tests what macOS users get)."""
+    import multiprocessing
+    method = os.environ.get(START_METHOD_ENV)
+    if method:
+        if method not in multiprocessing.get_all_start_methods():
+            raise SystemExit(f"qwen3build: {START_METHOD_ENV}={method!r}: use one of "
+                             f"{', '.join(multiprocessing.get_all_start_methods())}")
+        multiprocessing.set_start_method(method, force=True)
+    from .workers import expect_workers, watch_workers
+    expect_workers()
+    watch_workers()
+
+
+JOBS_ENV = "QWEN3BUILD_JOBS"  # workers when `doit build` is run without -n (default: decided here)
+GIB = 1 << 30
+# A worker's peak memory: about this much for the interpreter and coremltools, plus this
+# many times the fp16 bytes of the largest single artifact it builds (measured at the 1.7B
+# shape: a 4-layer-heavier shard or the io_model peak at ~3-3.5x their fp16 weights).
+WORKER_BASE_BYTES = 1 * GIB
+WORKER_BYTES_PER_WEIGHT_BYTE = 3
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable, macOS physical memory), or None."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_jobs(plan) -> int:
+    """Workers for a build: every core, as long as each worker's estimated peak fits in the
+    memory available (QWEN3BUILD_JOBS overrides; `doit -n N` overrides both)."""
+    raw = os.environ.get(JOBS_ENV)
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise BuildError(f"{JOBS_ENV}={raw!r} must be a whole number >= 1")
+        return int(raw)
+    cores = os.cpu_count() or 1
+    config = plan.config
+    layer_params = (2 * config.hidden_size * (config.q_dim + config.kv_dim)
+                    + 3 * config.hidden_size * config.intermediate_size)
+    largest = max(max(len(spec.layers) for spec in plan.layout) * layer_params,
+                  config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2))
+    per_worker = WORKER_BASE_BYTES + WORKER_BYTES_PER_WEIGHT_BYTE * 2 * largest
+    memory = available_memory()
+    fits = cores if memory is None else max(1, int(memory // per_worker))
+    return max(1, min(cores, fits))
+
+
 # ---------------------------------------------------------------- the builder of a run
 
 def source_of(overrides: dict, environ) -> tuple:
@@ -45,6 +110,10 @@ def source_of(overrides: dict, environ) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def builder(source: tuple):
+    from ..logs import configure
+    from .workers import watch_parent
+    configure()  # a spawned worker starts without dodo.py's logging
+    watch_parent()  # a worker ends with the build that started it
     from ..build.actions import Builder
     from ..build.plan import make_plan
     overrides, env = source
@@ -98,6 +167,7 @@ def build_action(source, show_table=True):
         from .summary import format_table, summary_rows
         b = builder(source)
         statuses = b.publish()
+        b.sweep()  # again: leftovers of a build killed just before this one, now surely gone
         if show_table:
             print(format_table(summary_rows(b, statuses)))
             print(f"packages in {b.tree.out_dir}")

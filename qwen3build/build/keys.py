@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -73,9 +74,61 @@ def _imports_of(module: str, tree: ast.AST, is_package: bool) -> set[str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
-def _parsed(path: Path) -> ast.AST:
-    return ast.parse(path.read_text(), filename=str(path))
+# Parsing every module for each key costs more than the rest of a no-op build: facts are
+# remembered per module under the digest of its source bytes, in memory and (when a build
+# says where) on disk, so a no-op reads ~60 small files and parses none.
+_facts: dict[str, tuple[str, tuple[str, ...], str]] = {}  # module -> (source digest, imports, code digest)
+_disk_path: Path | None = None
+_disk_loaded = False
+
+
+def use_disk_cache(path: Path) -> None:
+    """Remember module facts in `path` (a JSON file) across processes."""
+    global _disk_path, _disk_loaded
+    _disk_path, _disk_loaded = path, False
+
+
+def _load_disk() -> None:
+    global _disk_loaded
+    if _disk_loaded or _disk_path is None:
+        return
+    _disk_loaded = True
+    try:
+        stored = json.loads(_disk_path.read_text())
+    except (OSError, ValueError):
+        return
+    for module, (source, imports, digest) in stored.items():
+        _facts.setdefault(module, (source, tuple(imports), digest))
+
+
+def _save_disk() -> None:
+    if _disk_path is None:
+        return
+    try:
+        _disk_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _disk_path.with_name(f".{_disk_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({m: list(f) for m, f in sorted(_facts.items())}))
+        os.replace(tmp, _disk_path)
+    except OSError:
+        pass  # a cache of facts: losing it costs only time
+
+
+def _module_facts(module: str) -> tuple[tuple[str, ...], str]:
+    """(qwen3build modules it imports, digest of its code) for one module."""
+    path = module_file(module)
+    source = path.read_bytes()
+    source_digest = digest_bytes(source)
+    _load_disk()
+    known = _facts.get(module)
+    if known and known[0] == source_digest:
+        return known[1], known[2]
+    tree = ast.parse(source, filename=str(path))
+    imports = tuple(sorted(_imports_of(module, tree, path.name == "__init__.py")))
+    tree = _strip_docstrings(tree)
+    digest = digest_bytes(module.encode(), b"\0", ast.dump(tree, include_attributes=False).encode())
+    _facts[module] = (source_digest, imports, digest)
+    _save_disk()
+    return imports, digest
 
 
 def module_closure(module: str) -> tuple[str, ...]:
@@ -85,13 +138,12 @@ def module_closure(module: str) -> tuple[str, ...]:
         name = todo.pop()
         if name in seen:
             continue
-        path = module_file(name)
-        if path is None:
+        if module_file(name) is None:
             continue
         seen.add(name)
         parts = name.split(".")
         todo.extend(".".join(parts[:i]) for i in range(2, len(parts)))  # parent packages run first
-        todo.extend(_imports_of(name, _parsed(path), path.name == "__init__.py") - seen)
+        todo.extend(set(_module_facts(name)[0]) - seen)
     return tuple(sorted(seen))
 
 
@@ -107,9 +159,7 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
 
 def module_digest(module: str) -> str:
     """Digest of one module's code: its syntax tree without docstrings or positions."""
-    path = module_file(module)
-    tree = _strip_docstrings(ast.parse(path.read_text(), filename=str(path)))
-    return digest_bytes(module.encode(), b"\0", ast.dump(tree, include_attributes=False).encode())
+    return _module_facts(module)[1]
 
 
 @functools.lru_cache(maxsize=None)

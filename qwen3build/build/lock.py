@@ -31,12 +31,33 @@ POLL_SECONDS = 0.2
 _held: dict[str, int] = {}  # lock path -> fd, for this process
 
 
+def _close_in_child() -> None:
+    """A forked worker closes its copy of the lock's file: the lock is the build process's
+    alone, and is released when that process dies, whatever its workers do."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 def _owner(path: Path) -> str:
     try:
         info = json.loads(path.read_text())
         return f"pid {info['pid']} ({info.get('command', '?')}, since {info.get('started', '?')})"
     except (OSError, ValueError, KeyError):
         return "another process"
+
+
+def _owner_pid(path: Path) -> int | None:
+    try:
+        return int(json.loads(path.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def acquire(path: Path, sweep=None) -> bool:
@@ -50,6 +71,9 @@ def acquire(path: Path, sweep=None) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        if _owner_pid(path) == os.getppid():  # a worker of the build that holds it (doit -n N)
+            os.close(fd)
+            return False
         wait = _wait_seconds()
         owner = _owner(path)
         if wait <= 0:

@@ -14,15 +14,11 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ..checkpoint.reader import Checkpoint, resolve_weight_files
 from ..checkpoint.tensors import LAYER_TENSORS, layer_tensor_name
 from ..errors import BuildError
-from ..graph.slanc import validate_scales
 from ..paths import BuildTree
-from ..quant.packfile import inspect_pack
-from ..quant.packs import EMBED_PACKS, embed_pack_names, layer_pack_dir
+from ..quant.layout import EMBED_PACKS, embed_pack_names, layer_pack_dir
 from ..settings.layout import ShardSpec, parse_layout
 from ..settings.limits import ANE_MAX_LAYERS_PER_SHARD
 from ..settings.model_config import PROJECTIONS, ModelConfig, load_model_config
@@ -189,6 +185,9 @@ def _check_scales(plan: Plan) -> None:
     path = plan.settings.SCALES
     if path is None:
         return
+    import numpy as np  # only when SCALES is given: a no-op build does not import numpy
+
+    from ..graph.slanc import validate_scales
     remedy = "give a .npy of shape (layers + 1, 4) or leave SCALES empty"
     if path.is_dir():
         raise BuildError(f"SCALES={path} is a directory; {remedy}")
@@ -246,6 +245,9 @@ def _check_external_packs(plan: Plan) -> None:
     group size, array shapes and dtypes) fits its tensor, read from the packs' headers;
     the values themselves (finite LUTs, indices in range) are checked when used."""
     settings = plan.settings
+    if settings.LUT_DIR is None and settings.OMNIQ_DIR is None:
+        return
+    from ..quant.packfile import inspect_pack  # numpy: only when external packs are given
     if settings.LUT_DIR is not None:
         missing = [str(path.relative_to(settings.LUT_DIR)) for layer in plan.quantized_layers()
                    for path in external_layer_packs(plan, layer).values() if not path.is_file()]

@@ -17,7 +17,10 @@ import re
 import struct
 from pathlib import Path
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where tensors are read: a no-op build reads headers only
+    import numpy as np
 
 from ..errors import BuildError
 from ..settings.model_config import ModelConfig
@@ -27,7 +30,7 @@ log = logging.getLogger(__name__)
 
 _LAYER_RE = re.compile(r"^model\.layers\.([0-9]+)\.")
 
-_DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+_DTYPES = {"BF16": ("uint16", 2), "F16": ("float16", 2), "F32": ("float32", 4)}  # storage dtype, bytes
 # Bytes per element of every safetensors dtype (the format's own list), to check a
 # header's offsets even for tensors the build does not read.
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
@@ -183,7 +186,7 @@ class TensorSource:
 
     entries: dict[str, TensorEntry]
 
-    def raw_bytes(self, name: str) -> np.ndarray:
+    def raw_bytes(self, name: str) -> "np.ndarray":
         raise NotImplementedError
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -192,9 +195,10 @@ class TensorSource:
     def dtype(self, name: str) -> str:
         return self.entries[name].dtype
 
-    def tensor(self, name: str, dtype=np.float32) -> np.ndarray:
+    def tensor(self, name: str, dtype="float32") -> "np.ndarray":
         """One tensor as a fresh array (bf16 widened exactly to fp32). Non-finite values are
         refused, naming the tensor."""
+        import numpy as np
         entry = self.entries[name]
         storage, _ = _DTYPES[entry.dtype]
         raw = np.frombuffer(self.raw_bytes(name), dtype=storage).reshape(entry.shape)
@@ -205,10 +209,11 @@ class TensorSource:
                              "the checkpoint is damaged: re-download or re-export it")
         return out
 
-    def tensor_fp16(self, name: str, rows_per_block: int = 8192) -> np.ndarray:
+    def tensor_fp16(self, name: str, rows_per_block: int = 8192) -> "np.ndarray":
         """One tensor as fp16, converted in row blocks (no full-size fp32 copy).
 
         Raises BuildError naming the tensor if a value is non-finite or beyond fp16's range."""
+        import numpy as np
         entry = self.entries[name]
         storage, _ = _DTYPES[entry.dtype]
         raw = np.frombuffer(self.raw_bytes(name), dtype=storage).reshape(entry.shape)
@@ -277,9 +282,10 @@ class Checkpoint(TensorSource):
     def head_name(self) -> str:
         return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
 
-    def raw_bytes(self, name: str) -> np.ndarray:
+    def raw_bytes(self, name: str) -> "np.ndarray":
         """The tensor's bytes, read with a positioned read (not a memory map: mapped pages
         of multi-GB files would stay resident and count against the build's memory)."""
+        import numpy as np
         entry = self.entries[name]
         try:
             data = np.fromfile(entry.file, dtype=np.uint8, count=entry.end - entry.begin, offset=entry.begin)
@@ -289,10 +295,11 @@ class Checkpoint(TensorSource):
             raise BuildError(f"{entry.file}: ends inside tensor {name}; the file is truncated: re-download it")
         return data
 
-    def layer(self, layer: int, kind: str, dtype=np.float32) -> np.ndarray:
+    def layer(self, layer: int, kind: str, dtype="float32") -> "np.ndarray":
         return self.tensor(layer_tensor_name(layer, kind), dtype)
 
 
-def _widen(raw: np.ndarray, dtype: str) -> np.ndarray:
+def _widen(raw: "np.ndarray", dtype: str) -> "np.ndarray":
     """Stored values as numbers: bf16 is the top half of an fp32, widened exactly by a shift."""
+    import numpy as np
     return (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-ALLOWED_BITS = (4, 8)
+from ..settings.limits import BLOCKWISE_BITS as ALLOWED_BITS
+
 DEFAULT_BLOCK_SIZE = 32
 # Clip ratios tried per block; 1.0 (plain absmax) is always among the candidates.
 DEFAULT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)

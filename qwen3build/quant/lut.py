@@ -48,10 +48,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..settings.limits import DEFAULT_GROUP_SIZE, LUT_BITS as ALLOWED_BITS
+
 log = logging.getLogger(__name__)
 
-ALLOWED_BITS = (1, 2, 3, 4, 6, 8)
-DEFAULT_GROUP_SIZE = 128
 
 # Number of fp16 bit patterns: the histogram width per group.
 _FP16_KEYS = 1 << 16

@@ -1,9 +1,5 @@
 """Fit (or take from LUT_DIR / OMNIQ_DIR) the quantization packs of one layer or of the
-embedding/head, and where packs live under a pack root.
-
-A layer's packs are one <kind>.npz per quantized projection under `layerNN/`; the
-embedding/head packs are embed_tokens.npz (and lm_head.npz when the head is untied).
-"""
+embedding/head (where they live: quant/layout.py)."""
 from __future__ import annotations
 
 import logging
@@ -16,23 +12,11 @@ import numpy as np
 
 from ..errors import BuildError
 from .blockwise import BlockwisePack, fit_blockwise
+from .layout import EMBED_PACKS, embed_pack_names, layer_pack_dir  # noqa: F401 (re-exported)
 from .lut import fit_grouped_lut
 from .packfile import load_pack, save_pack
 
 log = logging.getLogger(__name__)
-
-# Embedding/head pack file names -> the checkpoint tensor each one quantizes.
-EMBED_PACKS = {"embed_tokens": "model.embed_tokens.weight", "lm_head": "lm_head.weight"}
-
-
-def layer_pack_dir(root: Path, layer: int) -> Path:
-    """Where layer `layer`'s <kind>.npz packs live under a pack root (ours or LUT_DIR)."""
-    return root / f"layer{layer:02d}"
-
-
-def embed_pack_names(tied: bool) -> list[str]:
-    return ["embed_tokens"] if tied else ["embed_tokens", "lm_head"]
-
 
 def make_layer_packs(tensors, allocation: dict, group_size: int | Mapping, layer: int, out_dir: Path,
                      external: dict[str, Path] | None = None) -> dict:

@@ -15,7 +15,7 @@ from ..checkpoint.tensors import layer_tensor_name
 from .blockwise import BlockwisePack
 from .lut import LutPack
 from .packfile import load_pack
-from .packs import EMBED_PACKS, layer_pack_dir
+from .layout import EMBED_PACKS, layer_pack_dir
 
 
 class PackedWeights:

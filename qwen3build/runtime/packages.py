@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class CoreMLPackage:
         """A fresh Core ML state (zero-initialized), or None for a stateless function."""
         return self._model.make_state() if self.states else None
 
-    def predict(self, inputs: dict[str, np.ndarray], state: Any = None) -> dict[str, np.ndarray]:
+    def predict(self, inputs: dict, state: Any = None) -> dict:
         """Run once; `state` (from new_state) is updated by Core ML."""
         missing = set(self.inputs) - set(inputs)
         if missing:
@@ -79,11 +78,13 @@ class CoreMLPackage:
             raise ValueError(
                 f"{self.package_path.name}:{self.function_name}: stateful model needs state=; make one with new_state()"
             )
+        import numpy as np
         feed = {name: np.asarray(inputs[name], dtype) for name, (_, dtype) in self.inputs.items()}
         raw = self._model.predict(feed, state=state) if self.states else self._model.predict(feed)
         return {name: np.asarray(raw[name]).astype(dtype, copy=False) for name, (_, dtype) in self.outputs.items()}
 
-    def state_arrays(self, state) -> dict[str, np.ndarray]:
+    def state_arrays(self, state) -> dict:
+        import numpy as np
         return {name: np.asarray(state.read_state(name)) for name in self.states}
 
 

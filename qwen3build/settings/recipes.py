@@ -15,8 +15,7 @@ from ..paths import DEFAULTS_FILE
 from .defaults import read_defaults, read_toml
 from .model_config import PROJECTIONS
 from .settings import closest_name
-from ..quant.blockwise import ALLOWED_BITS as EMBED_BITS
-from ..quant.lut import ALLOWED_BITS as LUT_BITS, DEFAULT_GROUP_SIZE
+from .limits import BLOCKWISE_BITS as EMBED_BITS, DEFAULT_GROUP_SIZE, LUT_BITS
 
 EMBED_BLOCK_SIZE = 32
 

@@ -8,17 +8,24 @@
 Importing this package is cheap (no torch, transformers or coremltools); they are loaded
 when a run starts. See docs/verify.md.
 """
-from .gate import THRESHOLD_KEYS, check_rung, load_thresholds, validate_thresholds
-from .metrics import KNIFE_EDGE_MARGIN, judge_rollout, position_metrics
-from .report import format_report
-from .keys import report_is_current, verify_inputs, verify_key
-from .ladder import run_verify
-from .options import VERIFY_VARS, VerifyOptions, VerifyRequest, default_report_path, default_text_path, request_from_vars
-from .windows import plan_windows
+import importlib
 
-__all__ = [
-    "KNIFE_EDGE_MARGIN", "THRESHOLD_KEYS", "VERIFY_VARS", "VerifyOptions", "VerifyRequest", "check_rung",
-    "default_report_path", "default_text_path", "format_report", "judge_rollout", "load_thresholds",
-    "plan_windows", "position_metrics", "report_is_current", "request_from_vars", "run_verify",
-    "validate_thresholds", "verify_inputs", "verify_key",
-]
+# Where each public name lives. Imported on first use (PEP 562): dodo.py imports
+# verify.options on every doit run, and must not pay for numpy, torch or transformers.
+_HOMES = {
+    "THRESHOLD_KEYS": "gate", "check_rung": "gate", "load_thresholds": "gate", "validate_thresholds": "gate",
+    "KNIFE_EDGE_MARGIN": "metrics", "judge_rollout": "metrics", "position_metrics": "metrics",
+    "format_report": "report",
+    "report_is_current": "keys", "verify_inputs": "keys", "verify_key": "keys",
+    "run_verify": "ladder",
+    "VERIFY_VARS": "options", "VerifyOptions": "options", "VerifyRequest": "options",
+    "default_report_path": "options", "default_text_path": "options", "request_from_vars": "options",
+    "plan_windows": "windows",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

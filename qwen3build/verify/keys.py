@@ -22,12 +22,15 @@ VERIFY_TOOLS = ("coremltools", "numpy", "torch", "tokenizers", "transformers")
 __all__ = ["check_stack_matches", "digest_json", "report_is_current", "verify_inputs", "verify_key"]
 
 
-def check_stack_matches(plan) -> Stack:
-    """The published stack (OUT_DIR), refused in one line unless it was built for these settings."""
-    out = plan.tree.out_dir
-    stale = "run `doit build` with the same settings first"
+def check_stack_matches(plan, models_dir: str | Path | None = None) -> Stack:
+    """The published stack (OUT_DIR, or MODELS_DIR), refused in one line unless it was built
+    for these settings. A release bundle is matched to CONFIG by its config.json's bytes."""
+    out = Path(models_dir) if models_dir else plan.tree.out_dir
     stack = load_stack(out)
     info = stack.info
+    stale = ("verify it with the settings it was built with (SEQ_LEN={}, RECIPE={}, SHARDS={})".format(
+        info.get("seq_len"), info.get("recipe"), stack.layout_text) if stack.is_release
+        else "run `doit build` with the same settings first")
     if info.get("seq_len") != plan.settings.SEQ_LEN:
         raise BuildError(f"{out}: packages were built with SEQ_LEN={info.get('seq_len')}, "
                          f"but SEQ_LEN={plan.settings.SEQ_LEN} now; {stale}")
@@ -39,7 +42,16 @@ def check_stack_matches(plan) -> Stack:
     if built != wanted:
         text = lambda layout: ",".join(f"{n}:{a}-{b}" for n, a, b in layout)  # noqa: E731
         raise BuildError(f"{out}: packages have layout {text(built)}, but SHARDS gives {text(wanted)}; {stale}")
-    if info.get("checkpoint_config") != str(plan.settings.CONFIG):
+    if stack.is_release:
+        bundled = stack.checkpoint_config
+        try:
+            same = bundled is not None and bundled.read_bytes() == plan.settings.CONFIG.read_bytes()
+        except OSError:
+            same = False
+        if not same:
+            raise BuildError(f"{out}: the release's config.json is not CONFIG={plan.settings.CONFIG}: point CONFIG at "
+                             "the config.json of the checkpoint the release was built from")
+    elif info.get("checkpoint_config") != str(plan.settings.CONFIG):
         raise BuildError(f"{out}: packages were built from {info.get('checkpoint_config')}, "
                          f"not CONFIG={plan.settings.CONFIG}; {stale}")
     if info.get("model") != json.loads(json.dumps(plan.config.to_dict())):
@@ -52,10 +64,12 @@ def verify_inputs(plan, text_path: Path | None = None, options=None, stack: Stac
     text_path = Path(text_path) if text_path is not None else default_text_path()
     if stack is None:
         try:
-            stack = load_stack(plan.tree.out_dir, check_files=False)
+            stack = load_stack(Path(options.models_dir) if options.models_dir else plan.tree.out_dir, check_files=False)
         except BuildError:
             stack = None
     info = stack.info if stack is not None else {}
+    # A release carries no build keys: its packages are named by their files' sizes and digests.
+    packages = {"files": info.get("files")} if "release" in info else info.get("keys")
     try:
         text_digest = digest_bytes(text_path.read_bytes())
     except OSError:
@@ -71,7 +85,7 @@ def verify_inputs(plan, text_path: Path | None = None, options=None, stack: Stac
     except BuildError as error:
         thresholds = {"error": str(error)}
     return {
-        "packages": info.get("keys"),
+        "packages": packages,
         "stack": {k: info.get(k) for k in ("seq_len", "recipe", "shards", "model")},
         "reference": {"code": code_digest(*VERIFY_CODE),
                       "SEQ_LEN": plan.settings.SEQ_LEN, "SHARDS": [dataclasses.asdict(s) for s in plan.layout]},
@@ -79,7 +93,8 @@ def verify_inputs(plan, text_path: Path | None = None, options=None, stack: Stac
         "tokenizer": tokenizer_digest,
         "text": {"path": str(text_path), "digest": text_digest},
         "thresholds": thresholds,
-        "options": {k: v for k, v in options.to_dict().items() if k != "thresholds"},
+        "options": {k: v for k, v in options.to_dict().items()
+                    if k != "thresholds" and not (k == "models_dir" and v is None)},
         "tools": tool_versions(VERIFY_TOOLS),
     }
 

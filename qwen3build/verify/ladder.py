@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import BuildError
 from . import metrics
 from .gate import check_rung, load_thresholds, validate_thresholds
 from .keys import check_stack_matches, verify_inputs
@@ -137,14 +138,21 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
     started = time.perf_counter()
     options = coerce_options(options)
     text_path = Path(text_path) if text_path is not None else default_text_path()
-    report_path = Path(report_path) if report_path is not None else default_report_path(plan, text_path)
+    report_path = (Path(report_path) if report_path is not None
+                   else default_report_path(plan, text_path, options.models_dir))
     thresholds = (validate_thresholds(options.thresholds, "thresholds option") if options.thresholds is not None
                   else load_thresholds(plan.settings.RECIPE))
-    stack = check_stack_matches(plan)
+    stack = check_stack_matches(plan, options.models_dir)
+    if stack.is_release and "reference" in options.rungs:
+        raise BuildError(f"RUNGS=reference: MODELS_DIR={stack.models_dir} is a release, which ships no SLaNC scales "
+                         "or quantization packs (the reference rung needs the build's); use RUNGS=packages")
     text = read_text(text_path)
     tokens = tokenize(stack.tokenizer, stack.vocab_size, text, text_path.name)
     seq_len = plan.settings.SEQ_LEN
     sizes, notes = resolve_window_sizes(options.windows, seq_len, len(tokens))
+    if stack.is_release:
+        notes = notes + [f"MODELS_DIR is a release ({stack.models_dir.name}): its packages only, the reference rung "
+                         "needs the build's SLaNC scales and packs"]
     runs, windows = plan_windows(len(tokens), sizes, options.max_windows)
     offsets, prompt_len, new_tokens = _prompts(len(tokens), options, seq_len)
     inputs = verify_inputs(plan, text_path, options, stack)

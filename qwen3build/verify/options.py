@@ -5,11 +5,12 @@ Settings like RECIPE or SEQ_LEN come from the build plan; these only say how to 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
 from ..errors import BuildError
-from ..paths import HELDOUT_TEXT_PATH
+from ..paths import HELDOUT_TEXT_PATH, STACK_FILE
 
 from ..runtime.packages import PACKAGE_BACKENDS as BACKENDS
 
@@ -17,7 +18,9 @@ RUNGS = ("reference", "packages")
 SEQ_LEN_WINDOW = "SEQ_LEN"
 # doit / environment variables that shape a verify run (settings like RECIPE come from the plan).
 VERIFY_VARS = ("TEXT", "REPORT", "WINDOWS", "MAX_WINDOWS", "PACKAGE_POSITIONS", "ROLLOUTS",
-               "PROMPT_TOKENS", "ROLLOUT_TOKENS", "BACKEND", "RUNGS")
+               "PROMPT_TOKENS", "ROLLOUT_TOKENS", "BACKEND", "RUNGS", "MODELS_DIR")
+# A release bundle ships no SLaNC scales or quantization packs: only its packages can be measured.
+RELEASE_RUNGS = ("packages",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,7 @@ class VerifyOptions:
     backend: str = "auto"         # packages: "auto" = Core ML on macOS, the numpy evaluator elsewhere
     rungs: tuple = RUNGS
     thresholds: dict | None = None  # None: [verify.<RECIPE>] from qwen3build.toml
+    models_dir: str | None = None   # MODELS_DIR: the packages to measure (None: OUT_DIR, the build's)
 
     def __post_init__(self):
         for name in ("max_windows", "package_positions", "rollouts", "prompt_tokens", "rollout_tokens"):
@@ -47,6 +51,8 @@ class VerifyOptions:
         bad = [r for r in self.rungs if r not in RUNGS]
         if bad or not self.rungs:
             raise BuildError(f"RUNGS={','.join(self.rungs)!r}: allowed rungs are {', '.join(RUNGS)}")
+        if self.models_dir is not None and (not isinstance(self.models_dir, str) or not self.models_dir):
+            raise BuildError(f"MODELS_DIR={self.models_dir!r} must name a folder holding stack.json")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -65,8 +71,19 @@ def default_text_path() -> Path:
     return HELDOUT_TEXT_PATH
 
 
-def default_report_path(plan, text_path: Path) -> Path:
-    return plan.tree.verify_dir / f"{plan.settings.RECIPE}-{Path(text_path).name.split('.')[0]}.json"
+def default_report_path(plan, text_path: Path, models_dir: str | None = None) -> Path:
+    """<artifacts>/verify/<RECIPE>-<text>.json; with MODELS_DIR, -<its folder name> added, so a
+    run on other packages (a release) never replaces the build's own report."""
+    suffix = f"-{Path(models_dir).name}" if models_dir else ""
+    return plan.tree.verify_dir / f"{plan.settings.RECIPE}-{Path(text_path).name.split('.')[0]}{suffix}.json"
+
+
+def is_release_dir(models_dir: str | Path) -> bool:
+    """MODELS_DIR holds a release bundle's stack.json (qwen3build.stack.Stack.is_release)."""
+    try:
+        return "release" in json.loads((Path(models_dir) / STACK_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _whole(key: str, raw) -> int:
@@ -102,10 +119,14 @@ def request_from_vars(plan, variables: dict | None = None, environ: dict | None 
         kwargs["backend"] = str(raw["BACKEND"]).strip()
     if "RUNGS" in raw:
         kwargs["rungs"] = tuple(_csv(raw["RUNGS"]))
+    if "MODELS_DIR" in raw:
+        kwargs["models_dir"] = str(Path(str(raw["MODELS_DIR"])).expanduser().resolve())
+        if "RUNGS" not in raw and is_release_dir(kwargs["models_dir"]):
+            kwargs["rungs"] = RELEASE_RUNGS  # the report says so (ladder: windows notes)
     options = VerifyOptions(**kwargs)
     text_path = Path(raw["TEXT"]).expanduser().resolve() if "TEXT" in raw else default_text_path()
     report_path = (Path(raw["REPORT"]).expanduser().resolve() if "REPORT" in raw
-                   else default_report_path(plan, text_path))
+                   else default_report_path(plan, text_path, options.models_dir))
     return VerifyRequest(text_path, report_path, options)
 
 
