@@ -42,7 +42,7 @@ def _add_run_parser(subparsers) -> None:
 
     run = subparsers.add_parser("run", help="generate text with a built stack",
                                 description="Generate text with a built stack (see docs/run.md).")
-    run.add_argument("--models-dir", help="a build's OUT_DIR holding stack.json "
+    run.add_argument("--models-dir", help="a build's OUT_DIR holding stack.json, or an unzipped release "
                                           "(default: the default build's artifacts/coreml/packages)")
     run.add_argument("--tokenizer", help="tokenizer.json (default: the one stack.json names)")
     run.add_argument("--prompt", required=True, help="the prompt text; '-' reads it from stdin")

@@ -1,7 +1,9 @@
 """The numpy evaluator against independent numpy references, on packages saved to disk.
 
 Every program here is built with the MIL Builder, converted and saved, then read back
-from disk by PackageEvaluator: the evaluator never sees the builder objects.
+from disk by PackageEvaluator: the evaluator never sees the builder objects. The
+evaluator has kernels for exactly the op types the build emits (checked here against
+freshly built packages of every kind); the programs below use only those.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ ct = pytest.importorskip("coremltools")
 from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
-from qwen3build.evaluator import KERNELS, PackageEvaluator  # noqa: E402
-from qwen3build.evaluator.ops import chunked_elementwise, lut_to_dense, to_dtype  # noqa: E402
+from qwen3build.evaluator import KERNELS, PackageEvaluator, load_function  # noqa: E402
+from qwen3build.evaluator.ops import (  # noqa: E402
+    EMITTED_OP_TYPES,
+    ENGINE_OP_TYPES,
+    chunked_elementwise,
+    lut_to_dense,
+    to_dtype,
+)
 
 IOS18 = ct.target.iOS18
 # fp16 carries ~3 decimal digits; a chain of a dozen fp16-rounded ops stays well inside this.
@@ -24,11 +32,11 @@ FP16_BLOCK_ATOL = 2e-2
 FP16_BLOCK_RTOL = 2e-2
 QWEN3_VOCAB = 151_936
 ANSWER_INDEX = 150_000
-ANSWER_INDEX_AS_UINT16 = ANSWER_INDEX % 2**16  # 18928: what a uint16 topk index turns it into
+ANSWER_INDEX_AS_INT16 = ANSWER_INDEX - 2**17  # 18928: what an int16 cast turns it into
 
 
 def safe_pipeline():
-    """The default pipeline minus common::add_int16_cast (it breaks vocab-sized topk)."""
+    """The default pipeline minus common::add_int16_cast (it breaks vocab-sized indices)."""
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes({"common::add_int16_cast"})
     return pipeline
@@ -53,7 +61,7 @@ def fp16(array):
 
 
 # ---------------------------------------------------------------------------------------
-# a small decoder block: RMSNorm, GQA attention with softmax, SiLU MLP
+# a small decoder block: RMSNorm, one token's GQA attention over a K/V cache, SiLU MLP
 
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, SEQ = 64, 4, 2, 16, 96, 5
@@ -70,8 +78,6 @@ def _block_weights():
     return {
         "input_norm": fp16(1 + 0.1 * rng.standard_normal(HIDDEN)),
         "q": weight(HEADS * HEAD_DIM, HIDDEN),
-        "k": weight(KV_HEADS * HEAD_DIM, HIDDEN),
-        "v": weight(KV_HEADS * HEAD_DIM, HIDDEN),
         "o": weight(HIDDEN, HEADS * HEAD_DIM),
         "post_norm": fp16(1 + 0.1 * rng.standard_normal(HIDDEN)),
         "gate": weight(INTERMEDIATE, HIDDEN),
@@ -86,23 +92,15 @@ def _mil_rms_norm(x, weight):
 
 
 def _build_block(w):
-    @mb.program(input_specs=[mb.TensorSpec((1, SEQ, HIDDEN), dtype=types.fp16)], opset_version=IOS18)
-    def program(hidden_states):
+    @mb.program(input_specs=[mb.TensorSpec((1, HIDDEN), dtype=types.fp16),
+                             mb.TensorSpec((KV_HEADS, SEQ, HEAD_DIM), dtype=types.fp16),
+                             mb.TensorSpec((KV_HEADS, SEQ, HEAD_DIM), dtype=types.fp16)], opset_version=IOS18)
+    def program(hidden_states, keys, values):
         normed = _mil_rms_norm(hidden_states, w["input_norm"])
-        q = mb.linear(x=normed, weight=w["q"])  # (1, T, H*D)
-        k = mb.linear(x=normed, weight=w["k"])  # (1, T, KV*D)
-        v = mb.linear(x=normed, weight=w["v"])
-        # GQA: each KV head serves GROUPS query heads; fold them into the row axis.
-        q = mb.transpose(x=mb.reshape(x=q, shape=[1, SEQ, KV_HEADS, GROUPS, HEAD_DIM]), perm=[0, 2, 3, 1, 4])
-        q = mb.reshape(x=q, shape=[1, KV_HEADS, GROUPS * SEQ, HEAD_DIM])  # (1, KV, G*T, D)
-        k = mb.transpose(x=mb.reshape(x=k, shape=[1, SEQ, KV_HEADS, HEAD_DIM]), perm=[0, 2, 1, 3])  # (1, KV, T, D)
-        v = mb.transpose(x=mb.reshape(x=v, shape=[1, SEQ, KV_HEADS, HEAD_DIM]), perm=[0, 2, 1, 3])
-        scores = mb.matmul(x=q, y=k, transpose_y=True)  # (1, KV, G*T, T)
-        scores = mb.mul(x=scores, y=np.float16(1 / math.sqrt(HEAD_DIM)))
-        probs = mb.softmax(x=scores, axis=-1)
-        context = mb.matmul(x=probs, y=v)  # (1, KV, G*T, D)
-        context = mb.reshape(x=context, shape=[1, KV_HEADS, GROUPS, SEQ, HEAD_DIM])
-        context = mb.reshape(x=mb.transpose(x=context, perm=[0, 3, 1, 2, 4]), shape=[1, SEQ, HEADS * HEAD_DIM])
+        q = mb.reshape(x=mb.linear(x=normed, weight=w["q"]), shape=[KV_HEADS, GROUPS, HEAD_DIM])  # GQA groups
+        scores = mb.matmul(x=q, y=keys, transpose_y=True)  # (KV, G, T)
+        probs = mb.softmax(x=mb.mul(x=scores, y=np.float16(1 / math.sqrt(HEAD_DIM))), axis=-1)
+        context = mb.reshape(x=mb.matmul(x=probs, y=values), shape=[1, HEADS * HEAD_DIM])  # (1, H*D)
         hidden = mb.add(x=hidden_states, y=mb.linear(x=context, weight=w["o"]))
         normed = _mil_rms_norm(hidden, w["post_norm"])
         gated = mb.mul(x=mb.silu(x=mb.linear(x=normed, weight=w["gate"])), y=mb.linear(x=normed, weight=w["up"]))
@@ -111,41 +109,40 @@ def _build_block(w):
     return program
 
 
-def _numpy_block(x, w):
-    """Plain float64 reference, written from the Qwen3 layer equations."""
+def _numpy_block(x, keys, values, w):
+    """Plain float64 reference, written from the Qwen3 layer equations (repeat_kv form)."""
     w = {name: value.astype(np.float64) for name, value in w.items()}
+    keys, values = np.repeat(keys.astype(np.float64), GROUPS, axis=0), np.repeat(values.astype(np.float64), GROUPS, 0)
 
     def rms_norm(h, weight):
         return h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + RMS_EPS) * weight
 
-    x = x.astype(np.float64)[0]  # (T, H)
-    normed = rms_norm(x, w["input_norm"])
-    q = (normed @ w["q"].T).reshape(SEQ, HEADS, HEAD_DIM).transpose(1, 0, 2)  # (H, T, D)
-    k = (normed @ w["k"].T).reshape(SEQ, KV_HEADS, HEAD_DIM).transpose(1, 0, 2)  # (KV, T, D)
-    v = (normed @ w["v"].T).reshape(SEQ, KV_HEADS, HEAD_DIM).transpose(1, 0, 2)
-    k, v = np.repeat(k, GROUPS, axis=0), np.repeat(v, GROUPS, axis=0)  # repeat_kv: (H, T, D)
-    scores = q @ k.transpose(0, 2, 1) / math.sqrt(HEAD_DIM)
+    x = x.astype(np.float64)  # (1, H)
+    q = (rms_norm(x, w["input_norm"]) @ w["q"].T).reshape(HEADS, 1, HEAD_DIM)
+    scores = q @ keys.transpose(0, 2, 1) / math.sqrt(HEAD_DIM)  # (H, 1, T)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    context = (probs @ v).transpose(1, 0, 2).reshape(SEQ, HEADS * HEAD_DIM)
-    hidden = x + context @ w["o"].T
+    hidden = x + (probs @ values).reshape(1, HEADS * HEAD_DIM) @ w["o"].T
     normed = rms_norm(hidden, w["post_norm"])
     gate, up = normed @ w["gate"].T, normed @ w["up"].T
-    return (hidden + (gate / (1 + np.exp(-gate)) * up) @ w["down"].T)[None]
+    return hidden + (gate / (1 + np.exp(-gate)) * up) @ w["down"].T
 
 
 def test_attention_block_matches_numpy(tmp_path):
     weights = _block_weights()
     path = save_program(_build_block(weights), tmp_path / "block.mlpackage")
     evaluator = PackageEvaluator(path)
-    assert evaluator.inputs == {"hidden_states": ((1, SEQ, HIDDEN), np.dtype(np.float16))}
-    assert evaluator.outputs == {"block_out": ((1, SEQ, HIDDEN), np.dtype(np.float16))}
+    assert evaluator.inputs["hidden_states"] == ((1, HIDDEN), np.dtype(np.float16))
+    assert evaluator.outputs == {"block_out": ((1, HIDDEN), np.dtype(np.float16))}
     assert evaluator.states == {}
 
-    x = fp16(np.random.default_rng(1).standard_normal((1, SEQ, HIDDEN)))
-    got = evaluator.predict({"hidden_states": x})["block_out"]
-    assert got.dtype == np.float16 and got.shape == (1, SEQ, HIDDEN)
-    np.testing.assert_allclose(got.astype(np.float64), _numpy_block(x, weights), atol=FP16_BLOCK_ATOL, rtol=FP16_BLOCK_RTOL)
+    rng = np.random.default_rng(1)
+    x = fp16(rng.standard_normal((1, HIDDEN)))
+    keys, values = (fp16(rng.standard_normal((KV_HEADS, SEQ, HEAD_DIM))) for _ in range(2))
+    got = evaluator.predict({"hidden_states": x, "keys": keys, "values": values})["block_out"]
+    assert got.dtype == np.float16 and got.shape == (1, HIDDEN)
+    np.testing.assert_allclose(got.astype(np.float64), _numpy_block(x, keys, values, weights),
+                               atol=FP16_BLOCK_ATOL, rtol=FP16_BLOCK_RTOL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -208,6 +205,137 @@ def test_stateful_model_requires_state(tmp_path):
         evaluator.predict(inputs)
     with pytest.raises(ValueError, match="state 'cache'"):
         evaluator.predict(inputs, {"cache": np.zeros(CACHE_SHAPE, np.float32)})
+
+
+# ---------------------------------------------------------------------------------------
+# state: ring row writes (slice_update + update per row), written in place when safe
+
+
+RING_LAYERS, RING_KV_HEADS, RING_SLOTS, RING_DIM = 2, 2, 6, 4
+RING_SHAPE = (2 * RING_LAYERS, RING_KV_HEADS, RING_SLOTS, RING_DIM)
+
+
+def _build_ring_writes():
+    """The shard's KV_WRITE=slice pattern: read once; per row, slice_update at slot S-1-p
+    then update the state; each layer reads its K/V back from the last update."""
+    @mb.program(input_specs=[mb.TensorSpec((2 * RING_LAYERS, RING_KV_HEADS, 1, RING_DIM), dtype=types.fp16),
+                             mb.TensorSpec((1,), dtype=types.int32),
+                             mb.StateTensorSpec(RING_SHAPE, dtype=types.fp16)], opset_version=IOS18)
+    def program(rows, position, cache):
+        slot = mb.sub(x=np.int32(RING_SLOTS - 1), y=position)
+        kv = mb.read_state(input=cache)
+        sums = []
+        for layer in range(RING_LAYERS):
+            for r in (2 * layer, 2 * layer + 1):
+                begin = mb.concat(values=[np.array([r, 0], np.int32), slot, np.zeros(1, np.int32)], axis=0)
+                end = mb.add(x=begin, y=np.array([1, RING_KV_HEADS, 1, RING_DIM], np.int32))
+                row = mb.slice_by_index(x=rows, begin=[r, 0, 0, 0], end=[r + 1, RING_KV_HEADS, 1, RING_DIM])
+                kv = mb.slice_update(x=kv, update=row, begin=begin, end=end)
+                kv = mb.coreml_update_state(state=cache, value=kv)
+            pair = mb.slice_by_index(x=kv, begin=[2 * layer, 0, 0, 0],
+                                     end=[2 * layer + 2, RING_KV_HEADS, RING_SLOTS, RING_DIM])
+            sums.append(mb.reduce_sum(x=pair, axes=[2], keep_dims=False, name=f"layer{layer}_sums"))
+        return tuple(sums)
+
+    return program
+
+
+def test_ring_row_writes_in_place_match_numpy(tmp_path):
+    evaluator = PackageEvaluator(save_program(_build_ring_writes(), tmp_path / "ring.mlpackage"))
+    # Every row write goes into the caller's state array: no copy of the cache per step.
+    assert evaluator.buffer_counts == {"in_place_writes": 2 * RING_LAYERS, "state_read_copies": 0, "update_copies": 0}
+    state = evaluator.new_state()
+    cache_array = state["cache"]
+    expected = np.zeros(RING_SHAPE, np.float16)
+    rng = np.random.default_rng(9)
+    for position in range(RING_SLOTS):
+        rows = fp16(rng.standard_normal((2 * RING_LAYERS, RING_KV_HEADS, 1, RING_DIM)))
+        expected[:, :, RING_SLOTS - 1 - position, :] = rows[:, :, 0, :]
+        out = evaluator.predict({"rows": rows, "position": np.array([position], np.int32)}, state)
+        for layer in range(RING_LAYERS):
+            pair = expected[2 * layer: 2 * layer + 2].astype(np.float32)
+            np.testing.assert_array_equal(out[f"layer{layer}_sums"], fp16(pair.sum(axis=2)))
+        np.testing.assert_array_equal(state["cache"], expected)
+    assert state["cache"] is cache_array, "state must be updated in place"
+    with pytest.raises(RuntimeError, match="slice_update"):  # slot -1: outside the ring, refused
+        evaluator.predict({"rows": rows, "position": np.array([RING_SLOTS], np.int32)}, state)
+
+
+CACHE_ROW = dict(begin=[0, 0, 5, 0], end=[1, 2, 6, 4])   # the last slot of CACHE_SHAPE
+CACHE_ROW_2 = dict(begin=[0, 0, 4, 0], end=[1, 2, 5, 4])
+
+
+def _state_program(body):
+    @mb.program(input_specs=[mb.TensorSpec((1, 2, 1, 4), dtype=types.fp16),
+                             mb.StateTensorSpec(CACHE_SHAPE, dtype=types.fp16)], opset_version=IOS18)
+    def program(row, cache):
+        return body(row, cache)
+
+    return program
+
+
+def _old_value_read_after_the_write(row, cache):
+    old = mb.read_state(input=cache)
+    written = mb.coreml_update_state(state=cache, value=mb.slice_update(x=old, update=row, **CACHE_ROW))
+    return mb.reduce_sum(x=old, axes=[2], name="old_sum"), mb.reduce_sum(x=written, axes=[2], name="new_sum")
+
+
+def _written_but_never_stored(row, cache):
+    written = mb.slice_update(x=mb.read_state(input=cache), update=row, **CACHE_ROW)
+    return mb.reduce_sum(x=written, axes=[2], name="new_sum")
+
+
+def _second_read_before_the_update(row, cache):
+    written = mb.slice_update(x=mb.read_state(input=cache), update=row, **CACHE_ROW)
+    again = mb.read_state(input=cache)
+    doubled = mb.mul(x=written, y=np.float16(2))
+    mb.coreml_update_state(state=cache, value=doubled)
+    return mb.reduce_sum(x=again, axes=[2], name="old_sum"), mb.reduce_sum(x=doubled, axes=[2], name="new_sum")
+
+
+def _update_result_used_after_a_later_update(row, cache):
+    first = mb.coreml_update_state(state=cache, value=mb.slice_update(x=mb.read_state(input=cache), update=row,
+                                                                      **CACHE_ROW))
+    second = mb.coreml_update_state(state=cache, value=mb.slice_update(x=first, update=mb.mul(x=row, y=np.float16(3)),
+                                                                       **CACHE_ROW_2))
+    return mb.reduce_sum(x=first, axes=[2], name="old_sum"), mb.reduce_sum(x=second, axes=[2], name="new_sum")
+
+
+def _rows(cache, row, *writes):
+    out = cache.astype(np.float32).copy()
+    for slot, scale in writes:
+        out[:, :, slot, :] = row[:, :, 0, :].astype(np.float32) * scale
+    return out
+
+
+@pytest.mark.parametrize("body, counts, expect", [
+    # old value used after the write: the read copies, the write copies.
+    (_old_value_read_after_the_write, (0, 1, 0),
+     lambda c, r: ({"old_sum": c, "new_sum": _rows(c, r, (5, 1))}, _rows(c, r, (5, 1)))),
+    # no update follows: writing the state array early would leave the row in the state.
+    (_written_but_never_stored, (0, 0, 0), lambda c, r: ({"new_sum": _rows(c, r, (5, 1))}, c)),
+    # a read between the write and the update must still see the old state (it copies:
+    # it is used after the update; the write must not go into the state early).
+    (_second_read_before_the_update, (0, 1, 0),
+     lambda c, r: ({"old_sum": c, "new_sum": 2 * _rows(c, r, (5, 1))}, 2 * _rows(c, r, (5, 1)))),
+    # the first update's result is used after the second: it gets a copy; the first write is in place.
+    (_update_result_used_after_a_later_update, (1, 0, 1),
+     lambda c, r: ({"old_sum": _rows(c, r, (5, 1)), "new_sum": _rows(c, r, (5, 1), (4, 3))},
+                   _rows(c, r, (5, 1), (4, 3)))),
+])
+def test_state_values_stay_right_where_in_place_writes_are_unsafe(tmp_path, body, counts, expect):
+    evaluator = PackageEvaluator(save_program(_state_program(body), tmp_path / "state.mlpackage"))
+    assert tuple(evaluator.buffer_counts.values()) == counts
+    state = evaluator.new_state()
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        before = state["cache"].copy()
+        row = fp16(rng.standard_normal((1, 2, 1, 4)))
+        out = evaluator.predict({"row": row}, state)
+        outputs, after = expect(before, row)
+        for name, value in outputs.items():
+            np.testing.assert_array_equal(out[name], fp16(value.astype(np.float32).sum(axis=2)), err_msg=name)
+        np.testing.assert_array_equal(state["cache"], fp16(after))
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,42 +405,51 @@ def test_lut_to_dense_vector_palettes():
 
 
 # ---------------------------------------------------------------------------------------
-# vocab-sized topk / argmax, and the add_int16_cast pitfall
+# vocab-sized indices, and the add_int16_cast pitfall
 
 
-def _build_vocab_argmax():
-    @mb.program(input_specs=[mb.TensorSpec((1, QWEN3_VOCAB), dtype=types.fp16)], opset_version=IOS18)
-    def program(logits):
-        values, indices = mb.topk(x=logits, k=3, axis=-1, name="topk")
+WINDOW_IDS = np.array([[ANSWER_INDEX, 17, 70_000]], np.int32)
+
+
+def _build_vocab_indices():
+    """What the sampler does at Qwen3's vocabulary: gather logits at window ids, argmax."""
+    @mb.program(input_specs=[mb.TensorSpec((1, QWEN3_VOCAB), dtype=types.fp32),
+                             mb.TensorSpec(WINDOW_IDS.shape, dtype=types.int32)], opset_version=IOS18)
+    def program(logits, ids):
+        picked = mb.gather_along_axis(x=logits, indices=ids, axis=1, name="picked")
         argmax = mb.reduce_argmax(x=logits, axis=-1, keep_dims=False, name="argmax")
-        return mb.identity(x=values, name="top_values"), mb.identity(x=indices, name="top_indices"), argmax
+        return picked, argmax
 
     return program
 
 
 def _vocab_logits():
-    logits = fp16(np.random.default_rng(5).uniform(-4, 4, (1, QWEN3_VOCAB)))
+    logits = np.random.default_rng(5).uniform(-4, 4, (1, QWEN3_VOCAB)).astype(np.float32)
     logits[0, ANSWER_INDEX] = 30
+    logits[0, ANSWER_INDEX_AS_INT16] = -30
     logits[0, 17] = 20
     logits[0, 70_000] = 10
     return logits
 
 
-def test_vocab_topk_and_argmax_past_uint16(tmp_path):
-    evaluator = PackageEvaluator(save_program(_build_vocab_argmax(), tmp_path / "argmax.mlpackage"))
-    out = evaluator.predict({"logits": _vocab_logits()})
-    assert out["top_indices"].tolist() == [[ANSWER_INDEX, 17, 70_000]]
-    assert out["top_values"].tolist() == [[30, 20, 10]]
+def test_vocab_indices_past_16_bits(tmp_path):
+    evaluator = PackageEvaluator(save_program(_build_vocab_indices(), tmp_path / "vocab.mlpackage",
+                                              compute_precision=ct.precision.FLOAT32))
+    out = evaluator.predict({"logits": _vocab_logits(), "ids": WINDOW_IDS})
+    assert out["picked"].tolist() == [[30, 20, 10]]
     assert out["argmax"].tolist() == [ANSWER_INDEX]
 
 
-def test_default_pipeline_int16_cast_breaks_topk_and_evaluator_shows_it(tmp_path):
-    path = save_program(_build_vocab_argmax(), tmp_path / "argmax_default.mlpackage", pipeline=ct.PassPipeline.DEFAULT)
-    evaluator = PackageEvaluator(path)
-    out = evaluator.predict({"logits": _vocab_logits()})
-    # The saved program computes topk indices as uint16 and casts back: 150000 wraps.
-    assert out["top_indices"][0, 0] == ANSWER_INDEX_AS_UINT16
-    assert out["argmax"].tolist() == [ANSWER_INDEX]  # reduce_argmax is not touched by the pass
+def test_integer_casts_wrap_as_on_device(tmp_path):
+    """What common::add_int16_cast does to vocab-sized indices (hence its removal from the
+    build's pipeline, lower/mil/save.py): the evaluator shows the wrap, not a clean value."""
+    @mb.program(input_specs=[mb.TensorSpec((1, 2), dtype=types.int32)], opset_version=IOS18)
+    def program(ids):
+        return mb.cast(x=mb.cast(x=ids, dtype="int16"), dtype="int32", name="round_trip")
+
+    path = save_program(program, tmp_path / "wrap.mlpackage")
+    out = PackageEvaluator(path).predict({"ids": np.array([[ANSWER_INDEX, 17]], np.int32)})
+    assert out["round_trip"].tolist() == [[ANSWER_INDEX_AS_INT16, 17]]
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,60 +500,131 @@ def test_fast_fp16_cast_is_bitwise_numpy():
 
 
 # ---------------------------------------------------------------------------------------
-# other ops the builders use: gather (batch_dims), gather_along_axis, select, cumsum, ...
+# the data-movement and arithmetic ops the build emits, against numpy
+
+
+def test_emitted_ops_against_numpy(tmp_path):
+    rng = np.random.default_rng(2)
+    table = fp16(rng.standard_normal((10, 4)))
+    ramp = fp16(np.arange(12) - 6)
+
+    @mb.program(
+        input_specs=[
+            mb.TensorSpec((1, 2), dtype=types.int32),
+            mb.TensorSpec((1,), dtype=types.int32),
+            mb.TensorSpec((2, 5, 3), dtype=types.fp16),
+        ],
+        opset_version=IOS18,
+    )
+    def program(token_ids, start, x):
+        embedded = mb.gather(x=table, indices=token_ids, axis=0, name="embedded")  # (1, 2, 4)
+        along = mb.gather_along_axis(x=x, indices=ALONG_INDICES, axis=1, name="along")
+        scattered = mb.scatter_along_axis(data=x, indices=ALONG_INDICES, updates=mb.mul(x=along, y=np.float16(-1)),
+                                          axis=1, mode="update", name="scattered")
+        chosen = mb.select(cond=mb.greater(x=x, y=np.float16(0)), a=x, b=mb.mul(x=x, y=np.float16(0.5)), name="chosen")
+        joined = mb.concat(values=[x, mb.real_div(x=x, y=np.float16(4))], axis=1, name="joined")
+        stacked = mb.stack(values=[x, mb.maximum(x=x, y=np.float16(0.25))], axis=0, name="stacked")
+        sliced = mb.slice_by_index(x=x, begin=[0, 1, 0], end=[2, 5, 3], stride=[1, 2, 1], name="sliced")
+        window = mb.slice_by_size(x=ramp, begin=start, size=[6], name="window")  # run-time begin
+        rows = mb.slice_by_size(x=table, begin=mb.concat(values=[start, np.zeros(1, np.int32)], axis=0),
+                                size=[2, 4], name="rows")
+        reduced = mb.reduce_max(x=x, axes=[2], keep_dims=False, name="reduced")
+        clipped = mb.clip(x=mb.exp(x=x), alpha=np.float16(0.5), beta=np.float16(1.5), name="clipped")
+        logged = mb.log(x=mb.mul(x=x, y=x), name="logged")
+        widened = mb.cast(x=x, dtype="fp32", name="widened")
+        logical = mb.logical_and(x=mb.less(x=x, y=np.float16(1)), y=mb.greater_equal(x=x, y=np.float16(-1)),
+                                 name="logical")
+        return embedded, along, scattered, chosen, joined, stacked, sliced, window, rows, reduced, clipped, \
+            logged, widened, logical
+
+    evaluator = PackageEvaluator(save_program(program, tmp_path / "ops.mlpackage"))
+    token_ids = np.array([[7, 2]], np.int32)
+    x = fp16(rng.standard_normal((2, 5, 3)))
+    out = evaluator.predict({"token_ids": token_ids, "start": np.array([3], np.int32), "x": x})
+    x32 = x.astype(np.float32)
+
+    np.testing.assert_array_equal(out["embedded"], table[token_ids])
+    expected_along = np.take_along_axis(x, ALONG_INDICES.astype(np.intp), axis=1)
+    np.testing.assert_array_equal(out["along"], expected_along)
+    expected_scattered = x.copy()
+    np.put_along_axis(expected_scattered, ALONG_INDICES.astype(np.intp), -expected_along, axis=1)
+    np.testing.assert_array_equal(out["scattered"], expected_scattered)
+    np.testing.assert_array_equal(out["chosen"], fp16(np.where(x32 > 0, x32, x32 * 0.5)))
+    np.testing.assert_array_equal(out["joined"], np.concatenate([x, fp16(x32 / 4)], axis=1))
+    np.testing.assert_array_equal(out["stacked"], np.stack([x, np.maximum(x, fp16(0.25))]))
+    np.testing.assert_array_equal(out["sliced"], x[:, 1:5:2])
+    np.testing.assert_array_equal(out["window"], ramp[3:9])
+    np.testing.assert_array_equal(out["rows"], table[3:5])
+    np.testing.assert_array_equal(out["reduced"], x.max(axis=2))
+    np.testing.assert_array_equal(out["clipped"], fp16(np.clip(fp16(np.exp(x32)).astype(np.float32), 0.5, 1.5)))
+    np.testing.assert_allclose(out["logged"], np.log(fp16(x32 * x32).astype(np.float32)), rtol=2e-3, atol=2e-3)
+    assert out["widened"].dtype == np.float32 and np.array_equal(out["widened"], x32)
+    np.testing.assert_array_equal(out["logical"], (x < 1) & (x >= -1))
+    with pytest.raises(RuntimeError, match="slice_by_size.*outside"):  # past the end: refused, not shortened
+        evaluator.predict({"token_ids": token_ids, "start": np.array([9], np.int32), "x": x})
 
 
 ALONG_INDICES = np.array([[[4, 0, 1]], [[2, 2, 3]]], np.int32)
 
 
-def test_gather_select_cumsum_and_friends(tmp_path):
-    rng = np.random.default_rng(2)
-    table = fp16(rng.standard_normal((10, 4)))
-    batched = fp16(rng.standard_normal((2, 5, 3)))
+# ---------------------------------------------------------------------------------------
+# the kernels are exactly the op types the build emits
 
-    @mb.program(
-        input_specs=[
-            mb.TensorSpec((1, 2), dtype=types.int32),
-            mb.TensorSpec((2, 2), dtype=types.int32),
-            mb.TensorSpec((2, 5, 3), dtype=types.fp16),
-        ],
-        opset_version=IOS18,
-    )
-    def program(token_ids, batch_ids, x):
-        embedded = mb.gather(x=table, indices=token_ids, axis=0, name="embedded")  # (1, 2, 4)
-        per_batch = mb.gather(x=batched, indices=batch_ids, axis=1, batch_dims=1, name="per_batch")  # (2, 2, 3)
-        along = mb.gather_along_axis(x=x, indices=ALONG_INDICES, axis=1, name="along")
-        chosen = mb.select(cond=mb.greater(x=x, y=np.float16(0)), a=x, b=mb.fill(shape=[2, 5, 3], value=np.float16(-1)), name="chosen")
-        running = mb.cumsum(x=x, axis=1, name="running")
-        pieces = mb.split(x=x, split_sizes=[2, 3], axis=1)
-        joined = mb.concat(values=[pieces[1], pieces[0]], axis=1, name="joined")
-        sliced = mb.slice_by_index(x=x, begin=[0, 1, 0], end=[2, 5, 3], stride=[1, 2, 1], name="sliced")
-        sized = mb.slice_by_size(x=x, begin=[1, 2, 0], size=[1, -1, 2], name="sized")
-        tiled = mb.tile(x=mb.expand_dims(x=sized, axes=[0]), reps=[2, 1, 1, 1], name="tiled")
-        squeezed = mb.squeeze(x=mb.reduce_max(x=x, axes=[2], keep_dims=True), axes=[2], name="squeezed")
-        clipped = mb.clip(x=mb.square(x=x), alpha=np.float16(0.1), beta=np.float16(1.5), name="clipped")
-        logical = mb.logical_and(x=mb.less(x=x, y=np.float16(1)), y=mb.equal(x=x, y=x), name="logical")
-        return embedded, per_batch, along, chosen, running, joined, sliced, sized, tiled, squeezed, clipped, logical
 
-    evaluator = PackageEvaluator(save_program(program, tmp_path / "misc.mlpackage"))
-    token_ids = np.array([[7, 2]], np.int32)
-    batch_ids = np.array([[4, 0], [1, 1]], np.int32)
-    x = fp16(rng.standard_normal((2, 5, 3)))
-    out = evaluator.predict({"token_ids": token_ids, "batch_ids": batch_ids, "x": x})
+class _QuantizedWeights:
+    """A recipe's packs without the build: LUT projections (q_proj with per-row scales, so
+    the shift_scale -> lut_to_dense chain appears too) and a blockwise embedding/head."""
 
-    np.testing.assert_array_equal(out["embedded"], table[token_ids])
-    np.testing.assert_array_equal(out["per_batch"], np.stack([batched[b][batch_ids[b]] for b in range(2)]))
-    expected_along = [[[x[b, ALONG_INDICES[b, 0, c], c] for c in range(3)]] for b in range(2)]
-    np.testing.assert_array_equal(out["along"], fp16(expected_along))
-    np.testing.assert_array_equal(out["chosen"], np.where(x > 0, x, fp16(-1)))
-    np.testing.assert_allclose(out["running"], np.cumsum(x.astype(np.float32), axis=1), atol=5e-3)
-    np.testing.assert_array_equal(out["joined"], np.concatenate([x[:, 2:], x[:, :2]], axis=1))
-    np.testing.assert_array_equal(out["sliced"], x[:, 1:5:2])
-    np.testing.assert_array_equal(out["sized"], x[1:2, 2:, 0:2])
-    np.testing.assert_array_equal(out["tiled"], np.tile(x[None, 1:2, 2:, 0:2], (2, 1, 1, 1)))
-    np.testing.assert_array_equal(out["squeezed"], x.max(axis=2))
-    np.testing.assert_array_equal(out["clipped"], fp16(np.clip(x.astype(np.float32) ** 2, fp16(0.1), 1.5)))
-    np.testing.assert_array_equal(out["logical"], x < 1)
+    def __init__(self, checkpoint, lut_bits: int, embed_bits: int):
+        self.checkpoint, self.lut_bits, self.embed_bits = checkpoint, lut_bits, embed_bits
+
+    def projection(self, layer, kind):
+        from qwen3build.checkpoint.tensors import layer_tensor_name
+        from qwen3build.quant.lut import fit_grouped_lut
+        weight = self.checkpoint.tensor(layer_tensor_name(layer, kind))
+        return fit_grouped_lut(weight, self.lut_bits, 16, per_channel_scale=kind == "q_proj")
+
+    def table(self, head=False):
+        from qwen3build.quant.blockwise import fit_blockwise
+        return fit_blockwise(self.checkpoint.tensor("model.embed_tokens.weight"), bits=self.embed_bits, block_size=16)
+
+
+def _built_op_types(tmp_path, checkpoint_config) -> set[str]:
+    """Op types of every package kind as saved: shards in both KV_WRITE modes (fp16 with
+    dense tables, quantized with palettized ones), io_model (fp16 and quantized), sampler."""
+    from qwen3build.checkpoint.reader import Checkpoint, resolve_weight_files
+    from qwen3build.lower.mil import programs, sampler, save
+    from qwen3build.quant.provider import PackedWeights
+    from qwen3build.settings.layout import parse_layout
+    from qwen3build.settings.model_config import load_model_config
+
+    config = load_model_config(checkpoint_config)
+    checkpoint = Checkpoint(config, *resolve_weight_files(checkpoint_config, None, None, ""))
+    spec = parse_layout("all:0-1", 2)[0]  # entry and exit: the final norm too
+    scales = np.ones((config.num_hidden_layers + 1, 4), np.float32)
+    seen: set[str] = set()
+
+    def record(program, name, compute_precision=ct.precision.FLOAT16, functions=(None,)):
+        path = tmp_path / f"{name}.mlpackage"
+        save.save_package(save.convert(program, compute_precision=compute_precision), path)
+        for function in functions:
+            seen.update(op.op_type for op in load_function(path, function).function.operations)
+
+    for label, weights, palettize in (("fp16", PackedWeights.dense(checkpoint, True), False),
+                                      ("quantized", _QuantizedWeights(checkpoint, 4, 8), True)):
+        for mode in ("slice", "blend"):
+            record(programs.shard_program(checkpoint, weights, config, spec, scales, 8, palettize, kv_write=mode),
+                   f"shard_{label}_{mode}")
+        record(programs.embed_program(weights, config), f"embed_{label}")
+        record(programs.head_program(weights, config), f"head_{label}")
+    record(sampler.sampler_program(config.vocab_size, 8), "sampler", compute_precision=ct.precision.FLOAT32)
+    return seen
+
+
+def test_kernels_are_exactly_the_op_types_the_build_emits(tmp_path, gqa_checkpoint):
+    built = _built_op_types(tmp_path, gqa_checkpoint)
+    assert built == EMITTED_OP_TYPES, (sorted(built - EMITTED_OP_TYPES), sorted(EMITTED_OP_TYPES - built))
+    assert set(KERNELS) == EMITTED_OP_TYPES - ENGINE_OP_TYPES
 
 
 # ---------------------------------------------------------------------------------------
@@ -432,7 +640,7 @@ def test_multifunction_package_selects_function(tmp_path):
 
     @mb.program(input_specs=[mb.TensorSpec((3, 4), dtype=types.fp16)], opset_version=IOS18)
     def prefill(x):
-        return mb.relu(x=mb.linear(x=x, weight=weight), name="y")
+        return mb.silu(x=mb.linear(x=x, weight=weight), name="y")
 
     descriptor = ct.utils.MultiFunctionDescriptor()
     descriptor.add_function(str(save_program(decode, tmp_path / "decode.mlpackage")), "main", "decode")
@@ -444,7 +652,8 @@ def test_multifunction_package_selects_function(tmp_path):
     x_prefill = fp16(np.random.default_rng(6).standard_normal((3, 4)))
     prefill_eval = PackageEvaluator(combined, function_name="prefill")
     assert prefill_eval.inputs == {"x": ((3, 4), np.dtype(np.float16))}
-    expected = fp16(np.maximum(x_prefill.astype(np.float32) @ weight.astype(np.float32).T, 0))
+    projected = fp16(x_prefill.astype(np.float32) @ weight.astype(np.float32).T).astype(np.float32)
+    expected = fp16(projected / (1 + np.exp(-projected)))
     np.testing.assert_allclose(prefill_eval.predict({"x": x_prefill})["y"], expected, atol=2e-3)
 
     default_eval = PackageEvaluator(combined)  # the package's defaultFunctionName
@@ -519,12 +728,26 @@ def test_chunked_elementwise_is_bitwise_whole_array():
     np.testing.assert_array_equal(pieces(cache, row_mask, new_row).view(np.uint16), whole.view(np.uint16))
 
 
-def test_ops_without_kernel_fall_back_to_coremltools_value_inference(tmp_path):
+def test_no_fallback_to_coremltools_value_inference(tmp_path):
+    """reverse and relu6 have a value_inference in coremltools, but no kernel here: refused."""
     @mb.program(input_specs=[mb.TensorSpec((2, 5), dtype=types.fp16)], opset_version=IOS18)
     def program(x):
         return mb.relu6(x=mb.reverse(x=x, axes=[1]), name="y")
 
     assert "reverse" not in KERNELS and "relu6" not in KERNELS
-    evaluator = PackageEvaluator(save_program(program, tmp_path / "fallback.mlpackage"))
-    x = fp16(np.linspace(-3, 9, 10).reshape(2, 5))
-    np.testing.assert_array_equal(evaluator.predict({"x": x})["y"], np.clip(x[:, ::-1], 0, 6))
+    with pytest.raises(NotImplementedError, match=r"fallback\.mlpackage.*'reverse'.*no evaluator kernel") as info:
+        PackageEvaluator(save_program(program, tmp_path / "fallback.mlpackage"))
+    assert "\n" not in str(info.value)
+
+
+def test_unsupported_constexpr_is_named(tmp_path):
+    mask = np.zeros((4, 4), types.np_uint1_dtype)
+    mask[0, :3] = 1
+
+    @mb.program(input_specs=[mb.TensorSpec((1, 4), dtype=types.fp16)], opset_version=IOS18)
+    def program(x):
+        weight = mb.constexpr_sparse_to_dense(nonzero_data=fp16([1, 2, 3]), mask=mask)
+        return mb.linear(x=x, weight=weight, name="y")
+
+    with pytest.raises(NotImplementedError, match=r"sparse\.mlpackage.*'constexpr_sparse_to_dense'"):
+        PackageEvaluator(save_program(program, tmp_path / "sparse.mlpackage"))

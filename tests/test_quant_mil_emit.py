@@ -10,6 +10,7 @@ from coremltools.converters.mil import Builder as mb  # noqa: E402
 from coremltools.converters.mil.frontend.milproto.load import load as milproto_load  # noqa: E402
 from coremltools.converters.mil.mil import types  # noqa: E402
 
+from qwen3build.graph.tables import mask_ramp, write_ramp  # noqa: E402
 from qwen3build.quant.blockwise import fit_blockwise  # noqa: E402
 from qwen3build.quant.lut import fit_grouped_lut  # noqa: E402
 from qwen3build.lower.mil.quant import (  # noqa: E402
@@ -103,8 +104,8 @@ def test_blockwise_weight_round_trip(tmp_path, bits):
 @pytest.mark.parametrize(
     "name,table,bits",
     [
-        ("causal_mask", np.triu(np.full((MASK_SIZE, MASK_SIZE), -1e4, np.float32), 1), 1),
-        ("write_rows", np.eye(MASK_SIZE, dtype=np.float32)[::-1], 1),
+        ("causal_mask_ramp", mask_ramp(MASK_SIZE // 2), 1),   # the shards' tables: (2S,)
+        ("kv_write_ramp", write_ramp(MASK_SIZE // 2), 1),
         ("three_level", np.tile(np.array([0.0, 1.0, -2.0], np.float32), (MASK_SIZE, 86))[:, :MASK_SIZE], 2),
     ],
 )
@@ -114,7 +115,7 @@ def test_palettized_table_round_trip(tmp_path, name, table, bits):
     def build():
         var, saved = palettized_table(table, name)
         saved_holder["saved"] = saved
-        return var
+        return var if var.rank == 2 else mb.reshape(x=var, shape=[1, -1])  # a ramp (2S,) -> (1, 2S)
 
     loaded, _ = save_and_load(tmp_path, build, input_size=MASK_SIZE)
     op = ops_by_name(loaded)[name]

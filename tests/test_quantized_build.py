@@ -46,6 +46,16 @@ def quant_ws(tmp_path_factory):
     return ws
 
 
+@pytest.fixture(scope="module")
+def quant_blend_ws(tmp_path_factory):
+    """The same quantized build with KV_WRITE=blend (q128: head_dim 64 != hidden 128 / 4 heads)."""
+    root = tmp_path_factory.mktemp("quant_blend")
+    (root / "recipes.toml").write_text(RECIPES)
+    ws = DoitWorkspace(root, make_checkpoint(root / "ckpt", "q128"))
+    ws.doit("build", RECIPE="r4", KV_WRITE="blend", RECIPE_FILE=str(root / "recipes.toml"))
+    return ws
+
+
 def test_recipe_change_requantizes_only_the_touched_layer_and_shard(quant_ws):
     ws = quant_ws
     assert all(ws.status(i) == "rebuilt" for i in LAYERS + ["quant:embed"])
@@ -74,11 +84,17 @@ def test_quantized_packages_hold_no_dense_projection_weights(quant_ws):
         assert "constexpr_blockwise_shift_scale" in types
 
 
-def test_quantized_chain_matches_the_reference_on_the_same_packs(quant_ws):
-    ws = quant_ws
-    ws.doit("build", RECIPE="r4", **ws.recipe_vars)
-    reference = reference_from_stack(load_stack(ws.out_dir))  # the same packs, fp32 compute
-    chain = PackageBackend(load_stack(ws.out_dir), "evaluator")
+@pytest.mark.parametrize("kv_write", ["slice", "blend"])
+def test_quantized_chain_matches_the_reference_on_the_same_packs(request, kv_write):
+    if kv_write == "slice":
+        ws = request.getfixturevalue("quant_ws")
+        ws.doit("build", RECIPE="r4", **ws.recipe_vars)
+    else:
+        ws = request.getfixturevalue("quant_blend_ws")
+    stack = load_stack(ws.out_dir)
+    assert stack.info["kv_write"] == kv_write
+    reference = reference_from_stack(stack)  # the same packs, fp32 compute
+    chain = PackageBackend(stack, "evaluator")
     for position, token in enumerate(np.random.RandomState(0).randint(0, 512, 12)):
         logits = chain.forward(int(token), position)[0].astype(np.float32)
         expected = reference.step(int(token), position)
@@ -104,18 +120,24 @@ def test_external_lut_packs_are_used_and_validated(tmp_path):
     assert "LUT_DIR" in result.stdout + result.stderr and "shape" in result.stdout + result.stderr
 
 
-def test_palettized_tables_save_bytes_and_change_nothing(tmp_path, gqa_checkpoint):
+# The ramps hold 2 * SEQ_LEN fp16 values; palettized to 1 bit they save ~3.75 bytes per
+# slot, which pays for the constexpr op's few dozen bytes of overhead from ~32 slots on.
+PALETTIZE_SEQ_LEN = 512
+
+
+@pytest.mark.parametrize("kv_write, ramps", [("slice", 1), ("blend", 2)])
+def test_palettized_tables_save_bytes_and_change_nothing(tmp_path, gqa_checkpoint, kv_write, ramps):
     plain = DoitWorkspace(tmp_path / "plain", gqa_checkpoint)
-    plain.doit("build", SEQ_LEN=64, PALETTIZE_MASKS="0")
+    plain.doit("build", SEQ_LEN=PALETTIZE_SEQ_LEN, PALETTIZE_MASKS="0", KV_WRITE=kv_write)
     palettized = DoitWorkspace(tmp_path / "pal", gqa_checkpoint)
-    palettized.doit("build", SEQ_LEN=64, PALETTIZE_MASKS="1")
+    palettized.doit("build", SEQ_LEN=PALETTIZE_SEQ_LEN, PALETTIZE_MASKS="1", KV_WRITE=kv_write)
     for name in ("left", "mid", "right"):
         state = palettized.state(f"shard:{name}")
         assert state["table_bytes_saved"] > 0
         assert state["bytes"] < plain.state(f"shard:{name}")["bytes"]
         package = f"decoder_shard_{name}.mlpackage"
         types = [op.op_type for op in load_function(palettized.out_dir / package).function.operations]
-        assert types.count("constexpr_lut_to_dense") == 2  # the write and mask tables
+        assert types.count("constexpr_lut_to_dense") == ramps  # the mask ramp (and blend's write ramp)
     hidden = np.random.RandomState(0).randn(1, 1, 64).astype(np.float16)
     outputs = []
     for ws in (plain, palettized):
@@ -143,5 +165,6 @@ def test_external_embedding_packs_are_used_and_missing_ones_named(tmp_path):
     ws.doit("io_model", OMNIQ_DIR=str(omniq), **recipe)
     state = ws.state("quant:embed")
     wrong_bits = ws.doit("io_model", OMNIQ_DIR=str(omniq), check=False, RECIPE="r4", RECIPE_FILE=recipe["RECIPE_FILE"])
-    assert wrong_bits.returncode != 0 and "pack has 4 bits but the config asks for 8" in wrong_bits.stdout
+    assert wrong_bits.returncode != 0
+    assert "pack has 4 bits but the config asks for 8" in wrong_bits.stdout + wrong_bits.stderr
     assert state["status"] == "rebuilt" and state["packs"]["embed_tokens"]["bits"] == 4  # the external int4 pack, not a fit

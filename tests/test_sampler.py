@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from coremltools.converters.mil.mil import types as mil_types
 
 from qwen3build.graph import sampler as sampling
 from qwen3build.errors import BuildError
@@ -81,6 +82,17 @@ def test_computes_in_fp32_with_int32_indices_and_no_random_ops(sampler_package):
     fp16_ops = [op.op_type for op in operations if op.op_type != "const"
                 and any(getattr(v.dtype, "__name__", "") == "fp16" for v in op.outputs)]
     assert fp16_ops == [], fp16_ops
+    indices = [op for op in operations if op.op_type in ("gather_along_axis", "scatter_along_axis")]
+    assert len(indices) == 2 and all(mil_types.builtin_to_string(op.indices.dtype) == "int32" for op in indices)
+
+
+def test_work_per_token_is_linear_in_vocab_plus_window(sampler_package):
+    """No value of V x W elements (the old (1, W, V + 1) one-hot): every op's output holds
+    at most V + 1 elements, and the window is touched by one gather and one scatter."""
+    operations = load_function(sampler_package).function.operations
+    sizes = {op.name: max(math.prod(v.shape) for v in op.outputs) for op in operations if op.op_type != "const"}
+    assert max(sizes.values()) <= QWEN3_VOCAB + 1, max(sizes.items(), key=lambda item: item[1])
+    assert not [op for op in operations if op.op_type == "one_hot"]
 
 
 # ------------------------------------------------------------------ same token as the numpy rules
@@ -90,6 +102,7 @@ def test_fixed_noise_gives_the_numpy_token(sampler, case):
     rng = np.random.default_rng(100 + case)
     logits = random_logits(rng)
     window = sampling.recent_window(rng.integers(0, QWEN3_VOCAB, rng.integers(0, 2 * WINDOW)), WINDOW)
+    window[0, : case * 4] = window[0, -1]  # some cases repeat an id (or padding) in the window
     settings = SamplerSettings(temperature=float(rng.uniform(0.3, 1.5)), min_p=float(rng.choice([0.0, 0.02, 0.2])),
                                repetition_penalty=float(rng.choice([1.0, 1.3, 0.8])),
                                coherence=float(rng.choice([0.0, 0.5, 1.0])))
@@ -199,6 +212,34 @@ def test_padding_and_out_of_range_window_ids_are_ignored(sampler):
     penalty = SamplerSettings(temperature=0.0, min_p=0.0, repetition_penalty=5.0)
     assert run_package(sampler, logits, window, penalty)[0] == 0
     assert sampling.window_mask(window, QWEN3_VOCAB).sum() == 0
+
+
+def test_a_repeated_id_is_penalized_once(sampler):
+    """Duplicates in the window (mixed with padding and out-of-range ids) penalize a token
+    once: penalized twice, token 10 would fall below token 20 in both cases."""
+    window = np.full((1, WINDOW), sampling.PADDING_TOKEN, np.int32)
+    window[0, -12:] = [10, -3, 10, QWEN3_VOCAB, 10, 10, 7, 10, QWEN3_VOCAB + 9, 10, 7, 10]
+    penalty = SamplerSettings(temperature=0.0, min_p=0.0, repetition_penalty=1.3)
+    for value_10, value_20 in ((3.0, 2.0), (-1.0, -1.5)):   # once: 2.31 > 2.0, -1.3 > -1.5
+        logits = np.full(QWEN3_VOCAB, -9.0, np.float16)
+        logits[[10, 20]] = [value_10, value_20]
+        assert run_package(sampler, logits, window, penalty)[0] == 10, (value_10, value_20)
+        assert sampling.sample(logits, window, penalty).token == 10
+
+
+@pytest.mark.parametrize("case", range(RANDOM_CASES))
+def test_penalize_equals_the_per_token_definition(case):
+    """The O(V + W) gather / write-back gives exactly the rule's definition: every id in
+    the window (padding and out-of-range ignored, duplicates once) penalized, the rest kept."""
+    rng = np.random.default_rng(200 + case)
+    vocab = 1000
+    logits = (rng.standard_normal(vocab) * 3).astype(np.float32)
+    window = rng.integers(-5, vocab + 5, (1, WINDOW)).astype(np.int32)
+    window[0, : WINDOW // 4] = window[0, -1]                 # duplicates
+    penalty = float(rng.uniform(0.5, 2.0))
+    p = np.float32(penalty)
+    expected = np.where(sampling.window_mask(window, vocab), np.where(logits > 0, logits / p, logits * p), logits)
+    np.testing.assert_array_equal(sampling.penalize(logits, window, penalty), expected.astype(np.float32))
 
 
 # ------------------------------------------------------------------ coherence modulation

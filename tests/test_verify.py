@@ -63,17 +63,17 @@ def peaked_checkpoint(directory: Path, shape: str, seed: int, **overrides) -> Pa
     return config_path
 
 
-def settings_for(config_path: Path, root: Path, seq_len: int, shards: str = "preset") -> dict:
+def settings_for(config_path: Path, root: Path, seq_len: int, shards: str = "preset", kv_write: str = "slice") -> dict:
     art = root / "artifacts"
     return {"CONFIG": str(config_path), "SEQ_LEN": str(seq_len), "SHARDS": shards, "RECIPE": "fp16",
-            "OUT_DIR": str(art / "coreml" / "packages"), "MIL_DIR": str(art / "coreml" / "mil"),
+            "KV_WRITE": kv_write, "OUT_DIR": str(art / "coreml" / "packages"), "MIL_DIR": str(art / "coreml" / "mil"),
             "TMP_DIR": str(art / ".tmp"), "CACHE_DIR": str(root / "cache")}
 
 
-def build_stack(config_path: Path, root: Path, seq_len: int, shards: str = "preset"):
+def build_stack(config_path: Path, root: Path, seq_len: int, shards: str = "preset", kv_write: str = "slice"):
     """Build and publish every package with the build's own code (what the doit tasks run), in-process."""
     from qwen3build.build.actions import Builder
-    plan = make_plan(settings_for(config_path, root, seq_len, shards), environ={})
+    plan = make_plan(settings_for(config_path, root, seq_len, shards, kv_write), environ={})
     builder = Builder(plan)
     builder.weights()
     builder.publish()
@@ -191,13 +191,26 @@ def test_request_from_vars(tmp_path, gqa_checkpoint):
 # ---------------------------------------------------------------- the ladder, end to end
 
 @pytest.fixture(scope="module")
-def unusual_stack(tmp_path_factory):
-    """gqa shape (head_dim 32 != hidden 64 / 4 heads) with an untied head, four custom shards."""
-    root = tmp_path_factory.mktemp("verify_unusual")
-    config_path = peaked_checkpoint(root / "ckpt", "gqa", seed=21, tie_word_embeddings=False)
-    plan = build_stack(config_path, root, seq_len=48, shards="a:0-0,b:1-1,c:2-2,d:3-3")
-    assert not plan.config.tie_word_embeddings and plan.config.q_dim != plan.config.hidden_size
-    return plan
+def unusual_builds(tmp_path_factory):
+    """KV_WRITE mode -> gqa shape (head_dim 32 != hidden 64 / 4 heads) with an untied head,
+    four custom shards, built once per mode when first asked."""
+    built = {}
+
+    def unusual(kv_write: str):
+        if kv_write not in built:
+            root = tmp_path_factory.mktemp(f"verify_unusual_{kv_write}")
+            config_path = peaked_checkpoint(root / "ckpt", "gqa", seed=21, tie_word_embeddings=False)
+            plan = build_stack(config_path, root, seq_len=48, shards="a:0-0,b:1-1,c:2-2,d:3-3", kv_write=kv_write)
+            assert not plan.config.tie_word_embeddings and plan.config.q_dim != plan.config.hidden_size
+            built[kv_write] = plan
+        return built[kv_write]
+
+    return unusual
+
+
+@pytest.fixture(scope="module")
+def unusual_stack(unusual_builds):
+    return unusual_builds("slice")
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +218,12 @@ def unusual_report(unusual_stack):
     return run_verify(unusual_stack, None, unusual_stack.tree.artifacts / "verify" / "report.json", SMALL_OPTIONS)
 
 
-def test_ladder_passes_on_an_honest_build(unusual_stack, unusual_report):
-    report = unusual_report
+@pytest.mark.parametrize("kv_write", ["slice", "blend"])
+def test_ladder_passes_on_an_honest_build(unusual_builds, unusual_report, kv_write):
+    unusual_stack = unusual_builds(kv_write)
+    assert json.loads((unusual_stack.settings.OUT_DIR / "stack.json").read_text())["kv_write"] == kv_write
+    report = unusual_report if kv_write == "slice" else run_verify(
+        unusual_stack, None, unusual_stack.tree.artifacts / "verify" / "report.json", SMALL_OPTIONS)
     assert report["passed"], report["failures"]
     assert set(report["rungs"]) == {"reference", "packages"}
     assert [s["name"] for s in report["layout"]] == ["a", "b", "c", "d"]

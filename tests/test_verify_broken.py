@@ -5,8 +5,10 @@ shard packages rebuilt in-process by the real lowering (qwen3build.lower.program
 qwen3build.lower.save) with one piece patched:
 - two layers swapped: layers 0 and 1 exchange all their weights (projections and norms);
 - the final norm dropped: the exit shard is lowered as if it were an interior shard;
-- a KV write off by one: graph.tables.write_table writes each position one ring slot
-  over (the row the mask does not expect).
+- a KV write off by one, in each KV_WRITE mode: every position's K/V row lands one ring
+  slot over (slot S-2-p, the row the mask does not expect). slice: the graph's ring slot
+  is shifted (graph.decoder.step_rows); blend: the one-hot write ramp is rolled by one
+  (graph.tables.write_ramp), as the seed's test rolled its write table.
 The gate runs with the real [verify.fp16] thresholds from qwen3build.toml.
 """
 import dataclasses
@@ -25,13 +27,24 @@ from test_verify import build_stack, peaked_checkpoint, settings_for
 SEQ_LEN = 64
 OPTIONS = dict(windows=(16, 32, "SEQ_LEN"), max_windows=3, rollouts=2, prompt_tokens=8, rollout_tokens=8)
 SWAPPED = (0, 1)  # both in the entry shard of the 4-layer preset layout (left:0-1)
+# The shifted slice write of the last position (slot -1) is outside the ring and refused:
+# the package rung of the off-by-one builds stops one position short of SEQ_LEN.
+OFF_BY_ONE_POSITIONS = SEQ_LEN - 1
 
 
 @pytest.fixture(scope="module")
-def honest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("verify_honest")
-    config_path = peaked_checkpoint(root / "ckpt", "gqa", seed=11)
-    return build_stack(config_path, root / "build", SEQ_LEN)
+def honest_builds(tmp_path_factory):
+    """KV_WRITE mode -> the honest build of that mode (each built once, when first asked)."""
+    built = {}
+
+    def honest(kv_write: str):
+        if kv_write not in built:
+            root = tmp_path_factory.mktemp(f"verify_honest_{kv_write}")
+            config_path = peaked_checkpoint(root / "ckpt", "gqa", seed=11)
+            built[kv_write] = build_stack(config_path, root / "build", SEQ_LEN, kv_write=kv_write)
+        return built[kv_write]
+
+    return honest
 
 
 def _swapped_name(name: str, swap: dict) -> str:
@@ -64,12 +77,13 @@ def broken_copy(honest, tmp_path, shards):
     from qwen3build.lower.mil import programs, save
     from qwen3build.quant.provider import PackedWeights
     shutil.copytree(honest.tree.artifacts, tmp_path / "artifacts", symlinks=True)
-    plan = make_plan(settings_for(honest.settings.CONFIG, tmp_path, SEQ_LEN), environ={})
+    kv_write = honest.settings.KV_WRITE
+    plan = make_plan(settings_for(honest.settings.CONFIG, tmp_path, SEQ_LEN, kv_write=kv_write), environ={})
     scales = np.load(plan.tree.scales_path)
     config = plan.config
     for spec, tensors in shards:
         weights = PackedWeights.dense(tensors, config.tie_word_embeddings)
-        program = programs.shard_program(tensors, weights, config, spec, scales, SEQ_LEN, False)
+        program = programs.shard_program(tensors, weights, config, spec, scales, SEQ_LEN, False, kv_write=kv_write)
         save.save_package(save.convert(program), plan.tree.package_path(spec.package_name))
     stack_path = plan.tree.out_dir / "stack.json"
     stack = json.loads(stack_path.read_text())
@@ -90,35 +104,55 @@ def drop_final_norm(plan):
 
 
 def kv_write_off_by_one(plan, monkeypatch):
-    from qwen3build.graph import tables
-    honest_table = tables.write_table
-    monkeypatch.setattr(tables, "write_table", lambda seq_len: np.roll(honest_table(seq_len), -1, axis=1))
+    from qwen3build.graph import decoder, tables
+    if plan.settings.KV_WRITE == "blend":
+        honest_ramp = tables.write_ramp
+        monkeypatch.setattr(tables, "write_ramp", lambda seq_len: np.roll(honest_ramp(seq_len), -1))
+    else:
+        honest_rows = decoder.step_rows
+
+        def shifted_rows(ops, table_vars, position, seq_len, head_dim, kv_write):
+            rows = honest_rows(ops, table_vars, position, seq_len, head_dim, kv_write)
+            rows.slot = ops.index_rsub(seq_len - 2, position)  # honest: seq_len - 1
+            return rows
+
+        monkeypatch.setattr(decoder, "step_rows", shifted_rows)
     return [(spec, plan.checkpoint) for spec in plan.layout]
 
 
-def test_honest_build_passes(honest, tmp_path):
-    report = run_verify(honest, None, tmp_path / "honest.json", OPTIONS)
+@pytest.mark.parametrize("kv_write", ["slice", "blend"])
+def test_honest_build_passes(honest_builds, tmp_path, kv_write):
+    report = run_verify(honest_builds(kv_write), None, tmp_path / "honest.json", OPTIONS)
     assert report["passed"], format_report(report)
     assert report["rungs"]["packages"]["teacher_forced"]["qualified"] >= 100
 
 
-@pytest.mark.parametrize("breakage", ["swap_two_layers", "drop_final_norm", "kv_write_off_by_one"])
-def test_broken_build_fails_the_gate(honest, tmp_path, monkeypatch, breakage):
+@pytest.mark.parametrize("kv_write, breakage", [
+    ("slice", "swap_two_layers"), ("slice", "drop_final_norm"),
+    ("slice", "kv_write_off_by_one"), ("blend", "kv_write_off_by_one"),
+])
+def test_broken_build_fails_the_gate(honest_builds, tmp_path, monkeypatch, kv_write, breakage):
+    honest = honest_builds(kv_write)
+
     def shards(plan):
         if breakage == "kv_write_off_by_one":
             return kv_write_off_by_one(plan, monkeypatch)
         return {"swap_two_layers": swap_two_layers, "drop_final_norm": drop_final_norm}[breakage](plan)
 
     plan = broken_copy(honest, tmp_path, shards(honest))
-    monkeypatch.undo()  # the reference and the verify run see the honest tables
-    report = run_verify(plan, None, tmp_path / "broken.json", {**OPTIONS, "rungs": ("packages",)})
+    monkeypatch.undo()  # the reference and the verify run see the honest graph
+    options = {**OPTIONS, "rungs": ("packages",)}
+    if breakage == "kv_write_off_by_one":
+        options["package_positions"] = OFF_BY_ONE_POSITIONS
+    report = run_verify(plan, None, tmp_path / "broken.json", options)
     assert not report["passed"], f"{breakage} passed the gate:\n{format_report(report)}"
     assert any(f.startswith("packages: teacher-forced top-1 agreement") for f in report["failures"]), report["failures"]
     assert all("\n" not in f for f in report["failures"])
     assert "FAILED" in format_report(report)
 
 
-def test_cli_exits_non_zero_on_a_broken_build(honest, tmp_path, capsys):
+def test_cli_exits_non_zero_on_a_broken_build(honest_builds, tmp_path, capsys):
+    honest = honest_builds("slice")
     plan = broken_copy(honest, tmp_path, drop_final_norm(honest))
     args = [f"{k}={v}" for k, v in settings_for(plan.settings.CONFIG, tmp_path, SEQ_LEN).items()]
     code = verify_main(args + ["WINDOWS=32", "MAX_WINDOWS=1", "ROLLOUTS=1", "PROMPT_TOKENS=4", "ROLLOUT_TOKENS=4",

@@ -158,7 +158,15 @@ class Builder:
                                  tensors=DeclaredTensors(self.plan.checkpoint, declared.tensors, declared.artifact),
                                  files=declared.files, upstream=upstream, scratch=scratch)
             outputs = {name: staging / "out" / name for name in declared.outputs}
-            extra = self.run_body(declared.module, inputs, outputs)
+            try:
+                extra = self.run_body(declared.module, inputs, outputs)
+            except RuntimeError as exc:
+                # coremltools' weight writer reports a full disk as a bare RuntimeError.
+                if "FileWriter" not in str(exc):
+                    raise
+                raise BuildError(f"{staging}: coremltools could not write the package ({str(exc).strip()}); the "
+                                 "disk may be full: free space (`qwen3build cache gc --max-size 10G`) or point "
+                                 "CACHE_DIR elsewhere") from None
             crash_point("artifact:built")
             missing = [name for name, path in outputs.items() if not path.exists()]
             if missing:

@@ -122,7 +122,7 @@ def builder(source: tuple):
 
 # A write that fails for one of these reasons is the user's to fix (disk full, read-only
 # location), not a bug: it becomes one line naming the path.
-_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
 
 

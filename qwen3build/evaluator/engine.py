@@ -8,8 +8,22 @@ flat list of slots, with no MIL objects involved.
 
 State semantics follow Core ML: `read_state` returns the state's current value,
 `coreml_update_state` overwrites the state (in the caller's array, in place) and returns
-the written value. A read whose value (or a view of it) is still used after a later
-update of the same state gets a private copy; otherwise it aliases the state array.
+the written value. Copies are made only where the program could tell (decided once, at
+load, from op order: `_BufferPlan`):
+- a read aliases the state array unless its value (or a view of it) is used after the
+  next update of that state;
+- `slice_update` writes into its input's array when nothing reads the old contents
+  afterwards (and, for a state array, when the next thing done to that state is an
+  update, so the early write is never seen);
+- an update whose value already is the state array copies nothing, and returns the state
+  array itself when its result is not used after the next update of that state.
+So a KV row write (read_state -> slice_update -> coreml_update_state per row) costs a
+row, not a copy of the cache.
+
+An op without a kernel in ops.KERNELS is refused at load (NotImplementedError naming the
+op and the package): the evaluator runs exactly the ops the build emits, with its own
+kernels, and never borrows coremltools' value_inference (it must not depend on what it
+checks).
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import numpy as np
 from .loader import Interface, LoadedFunction, load_function
 from .ops import (
     CHUNKED_ELEMENTWISE_MIN_ELEMENTS,
+    ENGINE_OP_TYPES,
     FLOAT16,
     KERNELS,
     OpContext,
@@ -42,12 +57,8 @@ from .ops import (
 
 logger = logging.getLogger(__name__)
 
-# Ops whose result may be a view of (share memory with) their first input; used to decide
-# which state reads need a private copy.
-_VIEW_OPS = frozenset(
-    {"reshape", "expand_dims", "squeeze", "flatten2d", "transpose", "slice_by_index", "slice_by_size", "split", "identity", "cast"}
-)
-_STATE_OPS = frozenset({"read_state", "coreml_update_state"})
+# Ops whose result may be a view of (share memory with) their input `x` (_BufferPlan).
+_VIEW_OPS = frozenset({"reshape", "slice_by_index", "slice_by_size", "identity", "cast"})
 _NONE_SLOT = 0  # slot 0 always holds None: the value of an omitted optional input
 _AFTER_LAST_OP = math.inf
 
@@ -98,41 +109,125 @@ class _Step:
         self.op_name = op_name
 
 
-def _value_inference_kernel(op, package_path) -> tuple[Callable[..., Any], tuple[str, ...]]:
-    """Fallback for ops without a kernel here: call coremltools' own value_inference with
-    the run-time values substituted into the op's input vars."""
-    names = []
-    for name, var in op.inputs.items():
-        if isinstance(var, (list, tuple)):
-            if any(v.val is None for v in var):
-                raise NotImplementedError(
-                    f"{package_path}: op type {op.op_type!r} ({op.name!r}) has a variadic run-time input; "
-                    "the evaluator has no kernel for it"
-                )
-        elif var is not None and var.val is None:
-            names.append(name)
+class _BufferPlan:
+    """Which arrays may be shared or written in place, decided once from op order.
 
-    def run(*values):
-        saved = []
-        try:
-            for name, value in zip(names, values):
-                var = op.inputs[name]
-                saved.append((var, var._sym_val))
-                symbolic_value = var.sym_type()
-                symbolic_value.val = value
-                var._sym_val = symbolic_value
-            result = op.value_inference()
-        finally:
-            for var, previous in saved:
-                var._sym_val = previous
-        if result is None:
-            raise NotImplementedError(
-                f"{package_path}: op type {op.op_type!r} ({op.name!r}): coremltools' value_inference "
-                "gave no value for these inputs"
-            )
-        return result
+    Every var gets a buffer: ("state", id(state)) for the caller's state array,
+    ("const",), ("input", id) or ("fresh", id(var)) for an array an op made. View ops
+    (_VIEW_OPS) and in-place writes give their output their input's buffer. Two rules:
+    - a var on a state's buffer is valid until the next update of that state (a copy
+      into the buffer): it and its views must not be used after it;
+    - an in-place write into buffer B at position p needs every var already on B to be
+      used no later than p (nobody reads the old contents), and, when B is a state's
+      array, the next op on that state to be an update (the early write is never read,
+      and never left behind at the end of the call).
+    Results: read_copies (positions of read_state ops that copy), in_place (positions of
+    slice_update ops writing into their input), update_returns_state (positions of
+    coreml_update_state ops returning the state array rather than the value) and
+    update_copies (updates returning a copy: their value is a state array that changes
+    while the result is still used).
+    """
 
-    return run, tuple(names)
+    def __init__(self, operations, function, last_use: dict[int, float]):
+        self.operations, self.last_use = operations, last_use
+        self.read_copies: set[int] = set()
+        self.in_place: set[int] = set()
+        self.update_returns_state: set[int] = set()
+        self.update_copies: set[int] = set()
+        self.state_ops: dict[int, list[tuple[int, str]]] = {}  # id(state) -> [(position, "read" | "update")]
+        for position, op in enumerate(operations):
+            if op.op_type == "read_state":
+                self.state_ops.setdefault(id(op.inputs["input"]), []).append((position, "read"))
+            elif op.op_type == "coreml_update_state":
+                self.state_ops.setdefault(id(op.inputs["state"]), []).append((position, "update"))
+        self.buffer: dict[int, tuple] = {id(var): ("input", id(var)) for var in function.inputs.values()}
+        self.members: dict[tuple, list] = {}  # buffer -> vars on it so far
+        for position, op in enumerate(operations):
+            self._visit(position, op)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _next_state_op(self, state: int, position: int) -> tuple[float, str]:
+        for other, kind in self.state_ops.get(state, ()):
+            if other > position:
+                return other, kind
+        return _AFTER_LAST_OP, "end"
+
+    def _next_update(self, state: int, position: int) -> float:
+        return next((other for other, kind in self.state_ops.get(state, ()) if other > position and kind == "update"),
+                    _AFTER_LAST_OP)
+
+    def _latest_use(self, var, position: int) -> float:
+        """Last use of `var` or of any view made of it (views of views included)."""
+        latest, frontier = self.last_use.get(id(var), position), [var]
+        while frontier:
+            current = frontier.pop()
+            latest = max(latest, self.last_use.get(id(current), position))
+            for child in current.child_ops:
+                if child.op_type in _VIEW_OPS and child.inputs.get("x") is current:
+                    frontier.extend(child.outputs)
+        return latest
+
+    def _valid_on_state(self, var, state: int, position: int) -> bool:
+        return self._latest_use(var, position) <= self._next_update(state, position)
+
+    def _folds(self, op) -> bool:
+        """The engine folds an op whose inputs are all constant: its result is a constant too."""
+        if op.op_type in ("read_state", "coreml_update_state"):
+            return False
+        inputs = [v for var in op.inputs.values() for v in (var if isinstance(var, (list, tuple)) else (var,))]
+        return all(self.buffer.get(id(v)) == ("const",) for v in inputs if v is not None)
+
+    def _assign(self, var, buffer: tuple) -> None:
+        self.buffer[id(var)] = buffer
+        self.members.setdefault(buffer, []).append(var)
+
+    # -- one op -------------------------------------------------------------------------
+    def _visit(self, position: int, op) -> None:
+        kind = op.op_type
+        if kind == "const" or kind.startswith("constexpr_") or self._folds(op):
+            for out in op.outputs:
+                self._assign(out, ("const",))
+        elif kind == "read_state":
+            state = id(op.inputs["input"])
+            if self._valid_on_state(op.outputs[0], state, position):
+                self._assign(op.outputs[0], ("state", state))
+            else:
+                self.read_copies.add(position)
+                self._assign(op.outputs[0], ("fresh", id(op.outputs[0])))
+        elif kind == "coreml_update_state":
+            state, out = id(op.inputs["state"]), op.outputs[0]
+            value_buffer = self.buffer.get(id(op.inputs["value"]), ("fresh", id(out)))
+            if self._valid_on_state(out, state, position):
+                self.update_returns_state.add(position)
+                self._assign(out, ("state", state))
+            elif value_buffer[0] == "state" and not self._valid_on_state(out, value_buffer[1], position):
+                self.update_copies.add(position)  # the value is a state array that changes before its last use
+                self._assign(out, ("fresh", id(out)))
+            else:
+                self._assign(out, value_buffer)
+        elif kind == "slice_update" and self._may_write_in_place(position, op):
+            self.in_place.add(position)
+            self._assign(op.outputs[0], self.buffer[id(op.inputs["x"])])
+        elif kind in _VIEW_OPS and op.inputs.get("x") is not None and id(op.inputs["x"]) in self.buffer:
+            for out in op.outputs:
+                self._assign(out, self.buffer[id(op.inputs["x"])])
+        else:
+            for out in op.outputs:
+                self._assign(out, ("fresh", id(out)))
+
+    def _may_write_in_place(self, position: int, op) -> bool:
+        buffer = self.buffer.get(id(op.inputs["x"]))
+        if buffer is None or buffer[0] not in ("fresh", "state"):
+            return False  # constants and the caller's inputs are never written
+        if any(self.last_use.get(id(var), position) > position for var in self.members.get(buffer, ())):
+            return False  # someone reads the old contents later
+        if buffer[0] == "state":
+            state = buffer[1]
+            if self._next_state_op(state, position)[1] != "update":
+                return False  # the early write would be read, or left in the state
+            if not self._valid_on_state(op.outputs[0], state, position):
+                return False
+        return True
 
 
 class _Planner:
@@ -186,7 +281,9 @@ class _Planner:
     def build(self) -> None:
         for var in self.function.inputs.values():
             self.slot_of[id(var)] = self._new_slot()
-        state_copy_needed = self._state_reads_needing_copy()
+        plan = _BufferPlan(self.operations, self.function, self._use_positions())
+        self.buffer_counts = {"in_place_writes": len(plan.in_place), "state_read_copies": len(plan.read_copies),
+                              "update_copies": len(plan.update_copies)}
         with np.errstate(all="ignore"):
             for position, op in enumerate(self.operations):
                 if op.op_type == "const":
@@ -194,14 +291,21 @@ class _Planner:
                 elif op.op_type.startswith("constexpr_"):
                     self._materialize_constexpr(op)
                 elif op.op_type == "read_state":
-                    self._add_read_state(op, copy=position in state_copy_needed)
+                    self._add_read_state(op, copy=position in plan.read_copies)
                 elif op.op_type == "coreml_update_state":
-                    self._add_update_state(op)
+                    result = ("state" if position in plan.update_returns_state
+                              else "copy" if position in plan.update_copies else "value")
+                    self._add_update_state(op, result)
                 else:
-                    self._add_op(op)
+                    self._add_op(op, in_place=position in plan.in_place)
         self._plan_releases()
 
     def _materialize_constexpr(self, op) -> None:
+        if op.op_type not in ENGINE_OP_TYPES:
+            raise NotImplementedError(
+                f"{self.loaded.package_path}: constexpr op type {op.op_type!r} ({op.name!r}) is not supported; "
+                f"the evaluator decodes the kinds the build emits ({', '.join(sorted(ENGINE_OP_TYPES))})"
+            )
         inputs = {}
         for name, var in op.inputs.items():
             if var is None:
@@ -220,22 +324,27 @@ class _Planner:
         run = (lambda state: state.copy()) if copy else (lambda state: state)
         self._add_step(op, run, (self._slot(op.inputs["input"], widened=False),))
 
-    def _add_update_state(self, op) -> None:
+    def _add_update_state(self, op, result: str) -> None:
+        """result: what the update returns: "state" (the state array), "value", or "copy"."""
         def run(state, value):
-            np.copyto(state, value)
-            return value
+            if value is not state:  # a value written in place already is the state array
+                np.copyto(state, value)
+            if result == "state":
+                return state
+            return value.copy() if result == "copy" else value
 
         args = (self._slot(op.inputs["state"], widened=False), self._slot(op.inputs["value"], widened=False))
         self._add_step(op, run, args)
 
-    def _add_op(self, op) -> None:
+    def _add_op(self, op, in_place: bool = False) -> None:
         kernel = KERNELS.get(op.op_type)
-        if kernel is not None:
-            run, names = kernel.build(OpContext(op, self.const_value))
-            computes, deterministic = kernel.computes, kernel.deterministic
-        else:
-            run, names = self._fallback(op)
-            computes, deterministic = False, True
+        if kernel is None:
+            raise NotImplementedError(
+                f"{self.loaded.package_path}: op type {op.op_type!r} ({op.name!r}) has no evaluator kernel; "
+                "the evaluator runs the ops the build emits (qwen3build/evaluator/ops.py KERNELS)"
+            )
+        run, names = kernel.build(OpContext(op, self.const_value, in_place=in_place))
+        computes = kernel.computes
 
         args = []
         all_const = True
@@ -250,13 +359,12 @@ class _Planner:
                 args.append(self._slot(var, computes))
                 all_const &= self.const_value(var) is not None
 
-        if all_const and deterministic:
+        if all_const:
             self._fold(op, run, args)
             return
         out_shape = tuple(int(d) for d in op.outputs[0].shape)
         if (
-            kernel is not None
-            and kernel.elementwise
+            kernel.elementwise
             and numpy_dtype(op.outputs[0].dtype) == FLOAT16
             and math.prod(out_shape) >= CHUNKED_ELEMENTWISE_MIN_ELEMENTS
         ):
@@ -265,16 +373,6 @@ class _Planner:
             ]
             run = chunked_elementwise(run, input_shapes, out_shape, FLOAT16)
         self._add_step(op, run, tuple(args))
-
-    def _fallback(self, op):
-        from coremltools.converters.mil.mil.operation import Operation
-
-        if type(op).value_inference is Operation.value_inference:
-            raise NotImplementedError(
-                f"{self.loaded.package_path}: op type {op.op_type!r} ({op.name!r}) is not supported by the evaluator"
-            )
-        logger.debug("%s: %s %r runs through coremltools' value_inference", self.package, op.op_type, op.name)
-        return _value_inference_kernel(op, self.loaded.package_path)
 
     def _fold(self, op, run, args) -> None:
         values = [self.slots[a] if isinstance(a, int) else [self.slots[s] for s in a] for a in args]
@@ -305,32 +403,6 @@ class _Planner:
         for var in self.function.outputs:
             last_use[id(var)] = _AFTER_LAST_OP
         return last_use
-
-    def _state_reads_needing_copy(self) -> set[int]:
-        """Positions of read_state ops whose value outlives a later update of that state."""
-        last_use = self._use_positions()
-        needing_copy = set()
-        for position, op in enumerate(self.operations):
-            if op.op_type != "read_state":
-                continue
-            state = op.inputs["input"]
-            later_updates = [
-                p
-                for p, other in enumerate(self.operations)
-                if p > position and other.op_type == "coreml_update_state" and other.inputs["state"] is state
-            ]
-            # Every var that may share memory with this read: the read and its views.
-            aliases, frontier = [], [op.outputs[0]]
-            while frontier:
-                var = frontier.pop()
-                aliases.append(var)
-                for child in var.child_ops:
-                    if child.op_type in _VIEW_OPS and child.inputs.get("x") is var:
-                        frontier.extend(child.outputs)
-            latest_use = max(last_use.get(id(var), position) for var in aliases)
-            if latest_use == _AFTER_LAST_OP or (later_updates and latest_use > later_updates[0]):
-                needing_copy.add(position)
-        return needing_copy
 
     def _plan_releases(self) -> None:
         """Drop each intermediate right after the step that last reads it."""
@@ -393,6 +465,8 @@ class PackageEvaluator:
         self._steps = planner.steps
         self.op_count = len(planner.operations)
         self.step_count = len(planner.steps)
+        # How many slice_updates write in place, state reads copy, updates copy (_BufferPlan).
+        self.buffer_counts = planner.buffer_counts
         logger.info(
             "evaluator %s: %d ops -> %d steps (%d folded, constexpr %.1f MB) in %.2f s",
             self._label,

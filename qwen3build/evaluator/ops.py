@@ -11,6 +11,9 @@ Semantics (what the engine promises, and why):
 - A kernel builder runs once per op at load time: it reads the op's constant parameters
   (axes, perm, epsilon, ...) and returns a closure over them plus the names of the inputs
   the closure takes at run time, in order. Nothing inspects MIL objects per call.
+- KERNELS holds exactly the op types the build emits (EMITTED_OP_TYPES, checked against
+  freshly built packages of every kind by tests/test_evaluator.py), each with the
+  parameters the build uses; anything else is refused at load with NotImplementedError.
 
 Constexpr ops (`decompress_constexpr`) are evaluated once at load time from their
 constant inputs, written from the MIL op definitions (not coremltools' own decompress
@@ -168,8 +171,6 @@ class Kernel:
     build: Callable[["OpContext"], tuple[Callable[..., Any], tuple[str, ...]]]
     # True: float constant inputs are handed over pre-widened to fp32 (cached at load).
     computes: bool
-    # False for ops whose result must not be folded at load time (random ops).
-    deterministic: bool
     # True: output[i] depends only on the (broadcast) inputs at i, so the op can run in
     # cache-sized pieces (see chunked_elementwise).
     elementwise: bool
@@ -178,14 +179,14 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {}
 
 
-def kernel(*op_types: str, computes: bool = True, deterministic: bool = True, elementwise: bool = False):
+def kernel(*op_types: str, computes: bool = True, elementwise: bool = False):
     """Register a kernel builder for `op_types`; a second registration of a type is a bug."""
 
     def register(build):
         for op_type in op_types:
             if op_type in KERNELS:
                 raise ValueError(f"kernel for {op_type!r} registered twice")
-            KERNELS[op_type] = Kernel(op_type, build, computes, deterministic, elementwise)
+            KERNELS[op_type] = Kernel(op_type, build, computes, elementwise)
         return build
 
     return register
@@ -197,10 +198,13 @@ _REQUIRED = object()
 class OpContext:
     """What a kernel builder may ask about its op: constant parameters and declared outputs."""
 
-    def __init__(self, op, const_value: Callable[[Any], np.ndarray | None]):
+    def __init__(self, op, const_value: Callable[[Any], np.ndarray | None], in_place: bool = False):
         self.op = op
         self.op_type = op.op_type
         self._const_value = const_value
+        # True: the engine's buffer plan allows writing the result into the input `x`
+        # (only slice_update asks; see engine._BufferPlan).
+        self.in_place = in_place
 
     def has(self, name: str) -> bool:
         return self.op.inputs.get(name) is not None
@@ -244,6 +248,19 @@ def _normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+# The op types of every package the build makes (decoder shards in both KV_WRITE modes,
+# fp16 and quantized; io_model; sampler), read back from the saved bytes. The engine
+# handles the state and constant ones itself; KERNELS covers the rest, and nothing more.
+ENGINE_OP_TYPES = frozenset({"const", "constexpr_lut_to_dense", "constexpr_blockwise_shift_scale",
+                             "read_state", "coreml_update_state"})
+EMITTED_OP_TYPES = ENGINE_OP_TYPES | frozenset({
+    "add", "cast", "clip", "concat", "exp", "gather", "gather_along_axis", "greater", "greater_equal", "identity",
+    "less", "linear", "log", "logical_and", "matmul", "maximum", "mul", "real_div", "reduce_argmax", "reduce_max",
+    "reduce_mean", "reduce_sum", "reshape", "rsqrt", "scatter_along_axis", "select", "silu", "slice_by_index",
+    "slice_by_size", "slice_update", "softmax", "stack", "sub",
+})
+
+
 # ---------------------------------------------------------------------------------------
 # elementwise
 
@@ -253,20 +270,11 @@ _BINARY = {
     "sub": np.subtract,
     "mul": np.multiply,
     "real_div": np.true_divide,
-    "pow": np.power,
     "maximum": np.maximum,
-    "minimum": np.minimum,
-    "floor_div": np.floor_divide,
-    "mod": np.mod,
-    "equal": np.equal,
-    "not_equal": np.not_equal,
     "greater": np.greater,
     "greater_equal": np.greater_equal,
     "less": np.less,
-    "less_equal": np.less_equal,
     "logical_and": np.logical_and,
-    "logical_or": np.logical_or,
-    "logical_xor": np.logical_xor,
 }
 
 
@@ -276,43 +284,14 @@ def _binary(c: OpContext):
     return (lambda x, y: ufunc(widen(x), widen(y))), ("x", "y")
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    if _torch is not None:
-        return _torch.special.erf(_torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-    return np.vectorize(math.erf, otypes=[np.float32])(x)  # pragma: no cover
-
-
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     # exp(-x) overflows to inf for very negative x, giving 1/inf = 0: the right limit.
     return 1.0 / (1.0 + np.exp(-x))
 
 
 _UNARY = {
-    "abs": np.abs,
-    "acos": np.arccos,
-    "asin": np.arcsin,
-    "atan": np.arctan,
-    "atanh": np.arctanh,
-    "ceil": np.ceil,
-    "cos": np.cos,
-    "cosh": np.cosh,
-    "erf": _erf,
     "exp": np.exp,
-    "exp2": np.exp2,
-    "floor": np.floor,
-    "logical_not": np.logical_not,
-    "round": np.round,  # half to even, as coremltools' value_inference does
-    "sign": np.sign,
-    "sin": np.sin,
-    "sinh": np.sinh,
-    "sqrt": np.sqrt,
-    "square": np.square,
-    "tan": np.tan,
-    "tanh": np.tanh,
-    "relu": lambda x: np.maximum(x, np.zeros((), x.dtype)),
-    "sigmoid": _sigmoid,
     "silu": lambda x: x * _sigmoid(x),
-    "softplus": lambda x: np.logaddexp(np.zeros((), x.dtype), x),
     "identity": lambda x: x,
 }
 
@@ -323,15 +302,13 @@ def _unary(c: OpContext):
     return (lambda x: function(widen(x))), ("x",)
 
 
-@kernel("rsqrt", "inverse", "log", elementwise=True)
+@kernel("rsqrt", "log", elementwise=True)
 def _unary_with_epsilon(c: OpContext):
-    # MIL: rsqrt = 1/sqrt(x + eps) (default 1e-12), inverse = 1/(x + eps) (1e-4),
-    # log = log(x + eps) (1e-45). The loader writes the default in when it was omitted.
+    # MIL: rsqrt = 1/sqrt(x + eps) (default 1e-12), log = log(x + eps) (1e-45). The
+    # loader writes the default in when it was omitted.
     epsilon = np.float32(c.const("epsilon"))
     if c.op_type == "rsqrt":
         return (lambda x: 1.0 / np.sqrt(widen(x) + epsilon)), ("x",)
-    if c.op_type == "inverse":
-        return (lambda x: 1.0 / (widen(x) + epsilon)), ("x",)
     return (lambda x: np.log(widen(x) + epsilon)), ("x",)
 
 
@@ -339,37 +316,6 @@ def _unary_with_epsilon(c: OpContext):
 def _clip(c: OpContext):
     alpha, beta = np.float32(c.const("alpha")), np.float32(c.const("beta"))
     return (lambda x: np.minimum(np.maximum(widen(x), alpha), beta)), ("x",)
-
-
-@kernel("threshold", elementwise=True)
-def _threshold(c: OpContext):
-    alpha = np.float32(c.const("alpha"))
-    return (lambda x: np.maximum(widen(x), alpha)), ("x",)
-
-
-@kernel("leaky_relu", "elu", "clamped_relu", elementwise=True)
-def _parametric_relu(c: OpContext):
-    alpha = np.float32(c.const("alpha"))
-    if c.op_type == "leaky_relu":
-        return (lambda x: np.where(widen(x) >= 0, widen(x), alpha * widen(x))), ("x",)
-    if c.op_type == "elu":
-        return (lambda x: np.where(widen(x) > 0, widen(x), alpha * (np.exp(widen(x)) - 1))), ("x",)
-    beta = np.float32(c.const("beta"))
-    return (lambda x: np.minimum(np.where(widen(x) >= 0, widen(x), alpha * widen(x)), beta)), ("x",)
-
-
-@kernel("gelu", elementwise=True)
-def _gelu(c: OpContext):
-    mode = str(c.const("mode", "EXACT"))
-    if mode == "TANH_APPROXIMATION":
-        scale = np.float32(math.sqrt(2.0 / math.pi))
-        return (lambda x: 0.5 * widen(x) * (1 + np.tanh(scale * (widen(x) + 0.044715 * widen(x) ** 3)))), ("x",)
-    if mode == "SIGMOID_APPROXIMATION":
-        return (lambda x: widen(x) * _sigmoid(np.float32(1.702) * widen(x))), ("x",)
-    if mode == "EXACT":
-        inv_sqrt2 = np.float32(1.0 / math.sqrt(2.0))
-        return (lambda x: 0.5 * widen(x) * (1 + _erf(widen(x) * inv_sqrt2))), ("x",)
-    raise NotImplementedError(f"gelu {c.op.name!r}: unknown mode {mode!r}")
 
 
 @kernel("cast")
@@ -385,7 +331,7 @@ def _select(c: OpContext):
 
 
 # ---------------------------------------------------------------------------------------
-# linear algebra and normalization
+# linear algebra
 
 
 def _project(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -437,42 +383,6 @@ def _softmax(c: OpContext):
     return run, ("x",)
 
 
-@kernel("layer_norm")
-def _layer_norm(c: OpContext):
-    axes = c.const_tuple("axes", None)
-    epsilon = np.float32(c.const("epsilon", 1e-5))
-
-    def run(x, gamma, beta):
-        x = widen(x)
-        mean = np.mean(x, axis=axes, keepdims=True)
-        centered = x - mean
-        out = centered / np.sqrt(np.mean(centered * centered, axis=axes, keepdims=True) + epsilon)
-        if gamma is not None:
-            out = out * widen(gamma)
-        if beta is not None:
-            out = out + widen(beta)
-        return out
-
-    return run, ("x", "gamma", "beta")
-
-
-@kernel("scaled_dot_product_attention")
-def _sdpa(c: OpContext):
-    def run(query, key, value, attn_mask):
-        query, key, value = widen(query), widen(key), widen(value)
-        scores = np.matmul(query, np.swapaxes(key, -1, -2)) / np.float32(math.sqrt(query.shape[-1]))
-        if attn_mask is not None:
-            if attn_mask.dtype == np.bool_:
-                scores = np.where(attn_mask, scores, -np.inf)
-            else:
-                scores = scores + widen(attn_mask)
-        scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-        scores /= np.sum(scores, axis=-1, keepdims=True)
-        return np.matmul(scores, value)
-
-    return run, ("query", "key", "value", "attn_mask")
-
-
 # ---------------------------------------------------------------------------------------
 # reductions
 
@@ -481,12 +391,6 @@ _REDUCE = {
     "reduce_mean": np.mean,
     "reduce_sum": np.sum,
     "reduce_max": np.max,
-    "reduce_min": np.min,
-    "reduce_prod": np.prod,
-    "reduce_sum_square": lambda x, axis, keepdims: np.sum(x * x, axis=axis, keepdims=keepdims),
-    "reduce_l1_norm": lambda x, axis, keepdims: np.sum(np.abs(x), axis=axis, keepdims=keepdims),
-    "reduce_l2_norm": lambda x, axis, keepdims: np.sqrt(np.sum(x * x, axis=axis, keepdims=keepdims)),
-    "reduce_log_sum_exp": lambda x, axis, keepdims: np.log(np.sum(np.exp(x), axis=axis, keepdims=keepdims)),
 }
 
 
@@ -498,83 +402,24 @@ def _reduce(c: OpContext):
     return (lambda x: function(widen(x), axis=axes, keepdims=keep_dims)), ("x",)
 
 
-@kernel("reduce_argmax", "reduce_argmin")
-def _reduce_arg(c: OpContext):
-    function = np.argmax if c.op_type == "reduce_argmax" else np.argmin
+@kernel("reduce_argmax")
+def _reduce_argmax(c: OpContext):
+    # Lowest index on a tie, like numpy; int64 here, rounded to the declared index dtype
+    # by the engine (so a 16-bit declaration would wrap exactly as on device).
     axis = int(c.const("axis", -1))
     keep_dims = bool(c.const("keep_dims", False))
-    return (lambda x: function(x, axis=axis, keepdims=keep_dims)), ("x",)
-
-
-@kernel("topk")
-def _topk(c: OpContext):
-    axis = int(c.const("axis", -1))
-    k = int(c.const("k", 1))
-    ascending = bool(c.const("ascending", False))
-    return_indices = bool(c.const("return_indices", True))
-
-    def run(x):
-        # Indices are computed as int64 here; the engine then casts them to the declared
-        # index dtype, so a uint16 declaration wraps exactly as on device.
-        moved = np.moveaxis(widen(x), axis, -1)
-        key = moved if ascending else -moved
-        length = key.shape[-1]
-        if k < length:
-            candidates = np.argpartition(key, k - 1, axis=-1)[..., :k]
-        else:
-            candidates = np.broadcast_to(np.arange(length), key.shape).copy()
-        candidate_keys = np.take_along_axis(key, candidates, axis=-1)
-        # Sort by key, ties by lower index (stable, like a sorted scan).
-        order = np.lexsort((candidates, candidate_keys), axis=-1)
-        indices = np.take_along_axis(candidates, order, axis=-1)
-        values = np.take_along_axis(moved, indices, axis=-1)
-        values, indices = np.moveaxis(values, -1, axis), np.moveaxis(indices, -1, axis)
-        return (values, indices) if return_indices else (values,)
-
-    return run, ("x",)
-
-
-@kernel("argsort")
-def _argsort(c: OpContext):
-    axis = int(c.const("axis", -1))
-    ascending = bool(c.const("ascending", False))
-    return (lambda x: np.argsort(widen(x) if ascending else -widen(x), axis=axis, kind="stable")), ("x",)
-
-
-@kernel("cumsum")
-def _cumsum(c: OpContext):
-    axis = int(c.const("axis", 0))
-    exclusive = bool(c.const("exclusive", False))
-    reverse = bool(c.const("reverse", False))
-
-    def run(x):
-        x = widen(x)
-        if reverse:
-            x = np.flip(x, axis)
-        out = np.cumsum(x, axis=axis, dtype=x.dtype)
-        if exclusive:
-            out = out - x
-        return np.flip(out, axis) if reverse else out
-
-    return run, ("x",)
+    return (lambda x: np.argmax(x, axis=axis, keepdims=keep_dims)), ("x",)
 
 
 # ---------------------------------------------------------------------------------------
 # shape and data movement (no arithmetic: values keep their declared dtype)
 
 
-@kernel("reshape", "expand_dims", "squeeze", "flatten2d", computes=False)
+@kernel("reshape", computes=False)
 def _reshape(c: OpContext):
-    # Shapes are static (the loader rejects flexible inputs), so the declared output shape
-    # is the answer for every op that only re-labels dimensions.
+    # Shapes are static (the loader rejects flexible inputs): the declared output shape is the answer.
     shape = c.out_shape()
     return (lambda x: np.reshape(x, shape)), ("x",)
-
-
-@kernel("transpose", computes=False)
-def _transpose(c: OpContext):
-    perm = c.const_tuple("perm")
-    return (lambda x: np.transpose(x, perm)), ("x",)
 
 
 def _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
@@ -614,10 +459,19 @@ def _slice_by_index(c: OpContext):
 
 @kernel("slice_by_size", computes=False)
 def _slice_by_size(c: OpContext):
+    shape = c.in_shape("x")
+
     def slices_of(begin, size):
-        return tuple(
-            slice(int(b), None if int(s) == -1 else int(b) + int(s)) for b, s in zip(begin, size)
-        )
+        slices = []
+        for b, s, dim in zip(begin, size, shape):
+            b, s = int(b), int(s)
+            stop = dim if s == -1 else b + s
+            # Core ML leaves a slice outside the tensor undefined; here it is an error,
+            # not numpy's silently shorter result (a shard's position must be < SEQ_LEN).
+            if b < 0 or stop > dim:
+                raise IndexError(f"slice {b}..{stop - 1} is outside an axis of {dim}")
+            slices.append(slice(b, stop))
+        return tuple(slices)
 
     if c.is_const("begin") and c.is_const("size"):
         slices = slices_of(c.const_tuple("begin"), c.const_tuple("size"))
@@ -632,11 +486,16 @@ def _slice_update(c: OpContext):
     begin_mask = c.const_tuple("begin_mask", None)
     end_mask = c.const_tuple("end_mask", None)
     squeeze_mask = c.const_tuple("squeeze_mask", None)
+    in_place = c.in_place
 
     def run(x, update, begin, end):
-        out = np.array(x, copy=True)
+        out = x if in_place else np.array(x, copy=True)  # in place: only the written rows move
         slices = _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
-        out[slices] = np.reshape(update, out[slices].shape)
+        target = out[slices]
+        if target.size != np.size(update):
+            raise IndexError(f"slice {list(begin)}..{list(end)} of {shape} has {target.size} elements, "
+                             f"the update {np.size(update)}")
+        out[slices] = np.reshape(update, target.shape)
         return out
 
     return run, ("x", "update", "begin", "end")
@@ -645,13 +504,8 @@ def _slice_update(c: OpContext):
 @kernel("concat", computes=False)
 def _concat(c: OpContext):
     axis = int(c.const("axis"))
-    interleave = bool(c.const("interleave", False))
-    out_shape = c.out_shape()
-    if interleave:
-        # [a0, b0, a1, b1, ...] along axis: stack behind the axis, then merge the two.
-        rank = len(out_shape)
-        axis = _normalize_axis(axis, rank)
-        return (lambda values: np.reshape(np.stack(values, axis=axis + 1), out_shape)), ("values",)
+    if bool(c.const("interleave", False)):
+        raise NotImplementedError(f"concat {c.op.name!r}: interleave=True (the build never emits it)")
     return (lambda values: np.concatenate(values, axis=axis)), ("values",)
 
 
@@ -661,31 +515,12 @@ def _stack(c: OpContext):
     return (lambda values: np.stack(values, axis=axis)), ("values",)
 
 
-@kernel("split", computes=False)
-def _split(c: OpContext):
-    axis = int(c.const("axis"))
-    sizes = [shape[_normalize_axis(axis, len(shape))] for shape in (c.out_shape(i) for i in range(len(c.op.outputs)))]
-    boundaries = np.cumsum(sizes)[:-1].tolist()
-    return (lambda x: tuple(np.split(x, boundaries, axis=axis))), ("x",)
-
-
 @kernel("gather", computes=False)
 def _gather(c: OpContext):
     axis = _normalize_axis(int(c.const("axis", 0)), len(c.in_shape("x")))
-    batch_dims = int(c.const("batch_dims", 0))
-    out_shape = c.out_shape()
-    if batch_dims == 0:
-        return (lambda x, indices: np.take(x, indices.astype(np.intp, copy=False), axis=axis)), ("x", "indices")
-
-    def run(x, indices):
-        # Flatten the shared leading batch dims, gather per batch entry, restore the shape.
-        batch_count = math.prod(x.shape[:batch_dims])
-        x_batched = np.reshape(x, (batch_count,) + x.shape[batch_dims:])
-        indices_batched = np.reshape(indices, (batch_count,) + indices.shape[batch_dims:]).astype(np.intp)
-        gathered = [np.take(x_batched[b], indices_batched[b], axis=axis - batch_dims) for b in range(batch_count)]
-        return np.reshape(np.stack(gathered), out_shape)
-
-    return run, ("x", "indices")
+    if int(c.const("batch_dims", 0)) != 0:
+        raise NotImplementedError(f"gather {c.op.name!r}: batch_dims > 0 (the build never emits it)")
+    return (lambda x, indices: np.take(x, indices.astype(np.intp, copy=False), axis=axis)), ("x", "indices")
 
 
 @kernel("gather_along_axis", computes=False)
@@ -700,106 +535,21 @@ def _gather_along_axis(c: OpContext):
     return run, ("x", "indices")
 
 
-@kernel("gather_nd", computes=False)
-def _gather_nd(c: OpContext):
-    if int(c.const("batch_dims", 0)) != 0:
-        raise NotImplementedError(f"gather_nd {c.op.name!r}: batch_dims > 0 is not supported")
-    return (lambda x, indices: x[tuple(np.moveaxis(indices.astype(np.intp), -1, 0))]), ("x", "indices")
+@kernel("scatter_along_axis", computes=False)
+def _scatter_along_axis(c: OpContext):
+    axis = _normalize_axis(int(c.const("axis", 0)), len(c.in_shape("data")))
+    mode = str(c.const("mode", "add"))
+    if mode != "update":
+        raise NotImplementedError(f"scatter_along_axis {c.op.name!r}: mode {mode!r} (the build emits 'update' only)")
 
+    def run(data, indices, updates):
+        out = np.array(data, copy=True)
+        indices = indices.astype(np.intp)
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        np.put_along_axis(out, indices, updates, axis=axis)  # duplicates: the last write wins
+        return out
 
-@kernel("tile", computes=False)
-def _tile(c: OpContext):
-    reps = c.const_tuple("reps")
-    return (lambda x: np.tile(x, reps)), ("x",)
-
-
-@kernel("fill", computes=False)
-def _fill(c: OpContext):
-    shape, dtype = c.out_shape(), c.out_dtype()
-    return (lambda value: np.full(shape, value, dtype=dtype)), ("value",)
-
-
-@kernel("pad", computes=False)
-def _pad(c: OpContext):
-    pad = np.asarray(c.const("pad")).reshape(-1, 2)
-    mode = str(c.const("mode", "constant"))
-    constant = c.const("constant_val", 0.0)
-    numpy_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}[mode]
-    pad_width = [(0, 0)] * (len(c.in_shape("x")) - len(pad)) + [tuple(int(v) for v in row) for row in pad]
-    if numpy_mode == "constant":
-        return (lambda x: np.pad(x, pad_width, mode="constant", constant_values=constant)), ("x",)
-    return (lambda x: np.pad(x, pad_width, mode=numpy_mode)), ("x",)
-
-
-@kernel("band_part", computes=False)
-def _band_part(c: OpContext):
-    lower, upper = int(c.const("lower", -1)), int(c.const("upper", -1))
-    rows, cols = c.in_shape("x")[-2:]
-    offset = np.arange(cols)[None, :] - np.arange(rows)[:, None]  # column - row
-    keep = np.ones((rows, cols), bool)
-    if lower >= 0:
-        keep &= offset >= -lower
-    if upper >= 0:
-        keep &= offset <= upper
-    return (lambda x: np.where(keep, x, np.zeros((), x.dtype))), ("x",)
-
-
-@kernel("range_1d", computes=False)
-def _range_1d(c: OpContext):
-    dtype = c.out_dtype()
-    return (lambda end, start, step: np.arange(start, end, step).astype(dtype)), ("end", "start", "step")
-
-
-@kernel("shape", computes=False)
-def _shape(c: OpContext):
-    return (lambda x: np.asarray(x.shape, np.int32)), ("x",)
-
-
-@kernel("one_hot", computes=False)
-def _one_hot(c: OpContext):
-    size = int(c.const("one_hot_vector_size"))
-    axis = int(c.const("axis", -1))
-    on_value, off_value = c.const("on_value", 1), c.const("off_value", 0)
-
-    def run(indices):
-        hot = np.expand_dims(indices, -1) == np.arange(size)
-        return np.moveaxis(np.where(hot, on_value, off_value), -1, axis)
-
-    return run, ("indices",)
-
-
-# ---------------------------------------------------------------------------------------
-# random ops: same distribution as Core ML, never the same draws (its generator is private)
-
-
-@kernel("random_uniform", deterministic=False)
-def _random_uniform(c: OpContext):
-    shape = c.out_shape()
-    seed = int(c.const("seed", -1))
-    generator = np.random.default_rng(None if seed == -1 else seed)
-    return (lambda low, high: generator.uniform(widen(low), widen(high), size=shape)), ("low", "high")
-
-
-@kernel("random_categorical", deterministic=False)
-def _random_categorical(c: OpContext):
-    mode = str(c.const("mode", "logits"))
-    size = int(c.const("size", 1))
-    seed = int(c.const("seed", -1))
-    generator = np.random.default_rng(None if seed == -1 else seed)
-
-    def run(x):
-        x = widen(x).astype(np.float64)
-        if mode == "logits":
-            x = np.exp(x - np.max(x, axis=-1, keepdims=True))
-        cumulative = np.cumsum(x, axis=-1)
-        cumulative /= cumulative[..., -1:]
-        flat = cumulative.reshape(-1, cumulative.shape[-1])
-        draws = generator.random((flat.shape[0], size))
-        picked = np.stack([np.searchsorted(row, u, side="right") for row, u in zip(flat, draws)])
-        picked = np.minimum(picked, flat.shape[1] - 1)
-        return picked.reshape(x.shape[:-1] + (size,))
-
-    return run, ("x",)
+    return run, ("data", "indices", "updates")
 
 
 # ---------------------------------------------------------------------------------------
@@ -871,58 +621,15 @@ def lut_to_dense(indices: np.ndarray, lut: np.ndarray, vector_axis: int | None) 
     return out
 
 
-def _lut_to_dense_ios16(indices: np.ndarray, lut: np.ndarray, shape) -> np.ndarray:
-    """iOS16 constexpr_lut_to_dense: one flat palette, packed indices, explicit shape."""
-    nbits = int(round(math.log2(lut.size)))
-    bits = np.unpackbits(indices.astype(np.uint8), bitorder="little")
-    count = math.prod(shape)
-    values = bits[: count * nbits].reshape(count, nbits).astype(np.int64)
-    index = (values << np.arange(nbits)).sum(axis=1)
-    return lut[index].reshape(shape)
-
-
-def _sparse_to_dense(nonzero_data: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = np.zeros(mask.shape, nonzero_data.dtype)
-    out[mask != 0] = nonzero_data
-    return out
-
-
 def decompress_constexpr(op_type: str, inputs: dict[str, Any], out_dtypes: list[np.dtype], op) -> tuple:
-    """Materialize one constexpr op from its (already materialized) inputs."""
-    if op_type == "constexpr_lut_to_dense":
-        if "shape" in inputs:  # iOS16 form
-            return (_lut_to_dense_ios16(inputs["indices"], inputs["lut"], tuple(inputs["shape"])),)
+    """Materialize one constexpr op (of the kinds the build emits) from its materialized inputs."""
+    if op_type == "constexpr_lut_to_dense" and "shape" not in inputs:  # iOS18 form
         vector_axis = inputs.get("vector_axis")
         return (lut_to_dense(inputs["indices"], inputs["lut"], None if vector_axis is None else int(vector_axis)),)
     if op_type == "constexpr_blockwise_shift_scale":
         data, scale = inputs["data"], inputs["scale"]
         return (_block_repeat_multiply(data, scale, inputs.get("offset"), out_dtypes[0]),)
-    if op_type == "constexpr_affine_dequantize":
-        data = inputs["quantized_data"].astype(np.float32)
-        axis = _normalize_axis(int(inputs["axis"]), data.ndim)
-        broadcast = [1] * data.ndim
-        broadcast[axis] = -1
-        scale = np.reshape(np.asarray(inputs["scale"], np.float32), broadcast if np.size(inputs["scale"]) > 1 else ())
-        zero = np.reshape(np.asarray(inputs["zero_point"], np.float32), broadcast if np.size(inputs["zero_point"]) > 1 else ())
-        return (to_dtype(scale * (data - zero), out_dtypes[0]),)
-    if op_type == "constexpr_cast":
-        return (inputs["source_val"],)  # the engine rounds to the declared output dtype
-    if op_type == "constexpr_sparse_to_dense":
-        if "shape" in inputs:  # iOS16 form: flat uint8 bitmask, explicit shape
-            shape = tuple(int(v) for v in inputs["shape"])
-            bits = np.unpackbits(inputs["mask"].astype(np.uint8), bitorder="little")[: math.prod(shape)]
-            return (_sparse_to_dense(inputs["nonzero_data"], bits.reshape(shape)),)
-        return (_sparse_to_dense(inputs["nonzero_data"], inputs["mask"]),)
-    if op_type == "constexpr_lut_to_sparse":
-        mask, nonzero_indices, lut = inputs["indices_mask"], inputs["indices_nonzero_data"], inputs["lut"]
-        if lut.shape[-1] != 1 or math.prod(lut.shape[:-2]) != 1:
-            raise NotImplementedError(f"{op_type} {op.name!r}: only a single scalar palette is supported")
-        return mask, lut.reshape(-1)[nonzero_indices.astype(np.int64)]
-    if op_type == "constexpr_sparse_blockwise_shift_scale":
-        mask, data, scale = inputs["mask"], inputs["nonzero_data"], inputs["scale"]
-        dense = _sparse_to_dense(data, mask)
-        offset = inputs.get("offset")
-        dense_offset = None if offset is None else offset
-        values = _block_repeat_multiply(dense, scale, dense_offset, out_dtypes[1])
-        return mask, values[mask != 0]
-    raise NotImplementedError(f"constexpr op {op_type!r} ({op.name!r}) is not supported by the evaluator")
+    raise NotImplementedError(
+        f"constexpr op {op_type!r} ({op.name!r}) is not supported by the evaluator "
+        "(the build emits iOS18 constexpr_lut_to_dense and constexpr_blockwise_shift_scale)"
+    )

@@ -1,18 +1,29 @@
 """The re-authored Qwen3 decode step, written once.
 
-Every function here takes an `ops` backend (lower/torch_ops.py runs it eagerly in fp32
-as the project's reference; lower/mil_ops.py emits it as MIL for the Core ML packages),
+Every function here takes an `ops` backend (lower/torch/ops.py runs it eagerly in fp32
+as the project's reference; lower/mil/ops.py emits it as MIL for the Core ML packages),
 so the math of the deployed graph lives in this file only. One token per call, batch 1.
 
 Deviations from the textbook layer, each for fp16 / the ANE:
-- KV cache in the reversed ring layout with masked-blend writes (numerics/tables.py):
-  static shapes, no scatter, no dynamic slicing.
-- RoPE and the causal mask come from static tables, one row gathered by position.
-- RMSNorm inputs carry a static SLaNC pre-scale (numerics/slanc.py) so the fp16 sum of
+- KV cache in the reversed ring layout (graph/tables.py), one state per shard holding
+  every layer's K and V: (2L, KVH, S, D), K of local layer i at 2i, V at 2i + 1. The
+  state is read once per call; how this token's rows get in is KV_WRITE:
+  "slice" (default) writes each K / V row at its ring slot with a slice_update, each
+  followed by a state update (the in-place pattern coremltools 9 keeps as
+  read_state -> slice_update -> write_state), so a write touches one row per layer;
+  "blend" is the seed stack's masked blend, cache*(1-w) + row*w with w a one-hot row
+  over all S slots, and one write of the whole stacked state at the end.
+  Either way attention reads the cache *after* this token's row is in it.
+- RoPE rows and the causal-mask row are slices at the position of tables linear in S
+  (one merged RoPE table, a (2S,) mask ramp): no S x S table, no gather.
+- RMSNorm inputs carry a static SLaNC pre-scale (graph/slanc.py) so the fp16 sum of
   squares cannot overflow; eps is scaled by s^2 so the result is unchanged.
 - q is scaled by 1/sqrt(head_dim) before the QK matmul, not after, to keep scores small.
 - GQA without repeat_kv: queries are grouped (kv_heads, groups, head_dim) and attend to
   their shared KV head by a batched matmul.
+
+A shard's `position` must lie in [0, SEQ_LEN): the slices above are not checked on device
+(the host stops at capacity, runtime/generate.py; the reference refuses).
 """
 from __future__ import annotations
 
@@ -46,32 +57,85 @@ def apply_rope(ops, x, cos_row, sin_signed_row, head_dim: int):
 
 @dataclasses.dataclass
 class StepRows:
-    """Per-position rows gathered once per shard call."""
-    cos: Any         # (1, D)
-    sin_signed: Any  # (1, D)
-    write: Any       # (1, S, 1) one-hot at the ring slot of this position
-    keep: Any        # (1, S, 1) = 1 - write
-    mask: Any        # (1, 1, S) additive causal mask
+    """Per-position rows, sliced once per shard call."""
+    cos: Any           # (1, D)
+    sin_signed: Any    # (1, D)
+    mask: Any          # (1, 1, S) additive causal mask
+    slot: Any = None   # (1,) int32 ring slot S-1-p                      (KV_WRITE=slice)
+    write: Any = None  # (1, S, 1) one-hot at the ring slot of this position (KV_WRITE=blend)
+    keep: Any = None   # (1, S, 1) = 1 - write                              (KV_WRITE=blend)
 
 
-def gather_step_rows(ops, tables: dict, position, seq_len: int) -> StepRows:
-    write = ops.reshape(ops.gather_rows(tables["write"], position), (1, seq_len, 1))
-    return StepRows(
-        cos=ops.gather_rows(tables["cos"], position),
-        sin_signed=ops.gather_rows(tables["sin_signed"], position),
-        write=write,
-        keep=ops.rsub(1.0, write),
-        mask=ops.reshape(ops.gather_rows(tables["mask"], position), (1, 1, seq_len)),
-    )
+def step_rows(ops, tables: dict, position, seq_len: int, head_dim: int, kv_write: str) -> StepRows:
+    """tables: "rope" (S, 2D), "mask_ramp" (2S,), and for blend "write_ramp" (2S,)
+    (graph/tables.py); position (1,) int32 in [0, S)."""
+    rope = ops.slice_rows(tables["rope"], position, 1)                       # (1, 2D) [cos | sin_signed]
+    mask = ops.reshape(ops.slice_rows(tables["mask_ramp"], position, seq_len), (1, 1, seq_len))
+    rows = StepRows(cos=ops.slice_last(rope, 0, head_dim), sin_signed=ops.slice_last(rope, head_dim, 2 * head_dim),
+                    mask=mask)
+    if kv_write == "slice":
+        rows.slot = ops.index_rsub(seq_len - 1, position)                   # (1,) int32: the reversed ring
+    else:
+        rows.write = ops.reshape(ops.slice_rows(tables["write_ramp"], position, seq_len), (1, seq_len, 1))
+        rows.keep = ops.rsub(1.0, rows.write)
+    return rows
 
 
-def decoder_layer(ops, x, w: Callable[[str], Any], k_cache, v_cache, rows: StepRows,
+class SliceWrite:
+    """KV_WRITE=slice: each K / V row goes to its ring slot with one slice_update, and every
+    write is stored in the state at once; the layer's caches are read back from the value
+    the write returned (so they hold this token's row)."""
+
+    def __init__(self, ops, state, rows: StepRows):
+        self.ops, self.state, self.slot = ops, state, rows.slot
+        self.kv = ops.read_state(state)                                      # (2L, KVH, S, D), read once
+
+    def layer(self, local: int, key_row, value_row):
+        """key_row / value_row (KVH, 1, D) of local layer `local` -> its caches (KVH, S, D) each."""
+        ops = self.ops
+        self.kv = ops.write_state_row(self.state, self.kv, 2 * local, self.slot, key_row)
+        self.kv = ops.write_state_row(self.state, self.kv, 2 * local + 1, self.slot, value_row)
+        return ops.index_first(self.kv, 2 * local), ops.index_first(self.kv, 2 * local + 1)
+
+    def finish(self) -> None:
+        pass  # every row write already updated the state
+
+
+class BlendWrite:
+    """KV_WRITE=blend (the seed stack's write): every layer's caches are rebuilt as
+    cache*(1-w) + row*w over all S slots, and the stacked (2L, KVH, S, D) result is
+    written back to the state once at the end."""
+
+    def __init__(self, ops, state, rows: StepRows):
+        self.ops, self.state, self.rows = ops, state, rows
+        self.kv = ops.read_state(state)                                      # (2L, KVH, S, D), read once
+        self.new_caches: list = []
+
+    def layer(self, local: int, key_row, value_row):
+        ops, rows = self.ops, self.rows
+        k_cache = ops.index_first(self.kv, 2 * local)                        # (KVH, S, D)
+        v_cache = ops.index_first(self.kv, 2 * local + 1)
+        k_cache = ops.add(ops.mul(k_cache, rows.keep), ops.mul(key_row, rows.write))    # (KVH, S, D)
+        v_cache = ops.add(ops.mul(v_cache, rows.keep), ops.mul(value_row, rows.write))
+        self.new_caches += [k_cache, v_cache]
+        return k_cache, v_cache
+
+    def finish(self) -> None:
+        self.ops.write_state(self.state, self.ops.stack_first(self.new_caches))  # (2L, KVH, S, D)
+
+
+# One writer per KV_WRITE mode (settings.KV_WRITE_MODES names the same modes; a test keeps
+# the two in step without the graph importing the settings machinery).
+KV_WRITERS = {"slice": SliceWrite, "blend": BlendWrite}
+
+
+def decoder_layer(ops, x, w: Callable[[str], Any], write_kv: Callable[[Any, Any], tuple], rows: StepRows,
                   config: ModelConfig, scales: np.ndarray):
     """One Qwen3 layer for one token.
 
-    x (1, H); k_cache / v_cache (KVH, S, D) as read from the state;
-    scales = this layer's SLaNC row (input_norm, q_norm, k_norm, post_norm).
-    Returns (x, k_cache, v_cache) with this token's K/V written at its ring slot.
+    x (1, H); write_kv(key_row, value_row) stores this token's K / V rows (KVH, 1, D) in
+    the ring and returns the layer's caches (KVH, S, D) with them in;
+    scales = this layer's SLaNC row (input_norm, q_norm, k_norm, post_norm). Returns x.
     """
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     eps = config.rms_norm_eps
@@ -86,11 +150,9 @@ def decoder_layer(ops, x, w: Callable[[str], Any], k_cache, v_cache, rows: StepR
     query = apply_rope(ops, query, rows.cos, rows.sin_signed, head_dim)
     key = apply_rope(ops, key, rows.cos, rows.sin_signed, head_dim)
 
-    # Masked-blend write of this token's row into the ring: cache*(1-w) + new*w.
     key_row = ops.reshape(key, (kv_heads, 1, head_dim))                    # (KVH, 1, D)
     value_row = ops.reshape(value, (kv_heads, 1, head_dim))
-    k_cache = ops.add(ops.mul(k_cache, rows.keep), ops.mul(key_row, rows.write))    # (KVH, S, D)
-    v_cache = ops.add(ops.mul(v_cache, rows.keep), ops.mul(value_row, rows.write))
+    k_cache, v_cache = write_kv(key_row, value_row)                        # (KVH, S, D) each
 
     groups = heads // kv_heads
     query = ops.mul(query, 1.0 / math.sqrt(head_dim))
@@ -103,31 +165,32 @@ def decoder_layer(ops, x, w: Callable[[str], Any], k_cache, v_cache, rows: StepR
     h = rmsnorm(ops, x, w("post_norm"), eps, s_post)
     gate = ops.silu(ops.linear(h, w("gate_proj")))                         # (1, I)
     mlp = ops.linear(ops.mul(gate, ops.linear(h, w("up_proj"))), w("down_proj"))
-    return ops.add(x, mlp), k_cache, v_cache
+    return ops.add(x, mlp)
 
 
 def decoder_shard(ops, hidden, position, kv_state, weight: Callable[[int, str], Any], tables: dict,
                   layers: range, is_exit: bool, config: ModelConfig, scales: np.ndarray,
-                  seq_len: int, final_norm=None):
-    """A contiguous run of layers. hidden (1, 1, H); position (1,) int32;
-    kv_state (2 * len(layers), KVH, S, D): K of local layer i at 2i, V at 2i + 1.
-    Returns (hidden (1, 1, H), new kv_state). The exit shard applies the final norm."""
+                  seq_len: int, kv_write: str, final_norm=None):
+    """A contiguous run of layers. hidden (1, 1, H); position (1,) int32 in [0, seq_len);
+    kv_state: the shard's state, (2 * len(layers), KVH, S, D), K of local layer i at 2i,
+    V at 2i + 1, updated through the ops (KV_WRITE = kv_write).
+    Returns hidden (1, 1, H). The exit shard applies the final norm."""
+    if kv_write not in KV_WRITERS:
+        raise ValueError(f"kv_write={kv_write!r} is not one of {sorted(KV_WRITERS)}")
     hidden_size = config.hidden_size
     x = ops.reshape(hidden, (1, hidden_size))
-    rows = gather_step_rows(ops, tables, position, seq_len)
-    new_rows = []
+    rows = step_rows(ops, tables, position, seq_len, config.head_dim, kv_write)
+    ring = KV_WRITERS[kv_write](ops, kv_state, rows)
     for local, layer in enumerate(layers):
         ops.scope(f"layer{layer:02d}")
-        k_cache = ops.index_first(kv_state, 2 * local)       # (KVH, S, D)
-        v_cache = ops.index_first(kv_state, 2 * local + 1)
-        x, k_cache, v_cache = decoder_layer(ops, x, lambda kind: weight(layer, kind), k_cache, v_cache,
-                                            rows, config, scales[layer])
-        new_rows += [k_cache, v_cache]
+        x = decoder_layer(ops, x, lambda kind: weight(layer, kind),
+                          lambda key_row, value_row: ring.layer(local, key_row, value_row),
+                          rows, config, scales[layer])
     ops.scope("out")
-    new_state = ops.stack_first(new_rows)                      # (2L, KVH, S, D)
+    ring.finish()
     if is_exit:  # the final norm belongs to the exit shard only
         x = rmsnorm(ops, x, final_norm, config.rms_norm_eps, float(scales[config.num_hidden_layers, 0]))
-    return ops.reshape(x, (1, 1, hidden_size)), new_state
+    return ops.reshape(x, (1, 1, hidden_size))
 
 
 def embed(ops, table, input_ids, hidden_size: int):

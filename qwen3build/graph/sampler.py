@@ -1,14 +1,16 @@
 """The sampling rules in plain numpy: the reference the sampler package is tested against.
 
 One step turns next-token logits (V,) into a token id, in this order (each rule is
-written out once here; qwen3build/lower/sampler.py emits the same steps as MIL, and
+written out once here; qwen3build/lower/mil/sampler.py emits the same steps as MIL, and
 docs/run.md states them for users):
 
 1. Repetition penalty (CTRL, Keskar et al. 2019, as in HF's
    RepetitionPenaltyLogitsProcessor): for every token id in the recent-token window, a
    positive logit is divided by the penalty and a negative one multiplied by it, so a
-   penalty > 1 always lowers a repeated token's odds. Window slots holding PADDING_TOKEN
-   (or any id outside 0..V-1) are ignored. A penalty of 1 changes nothing.
+   penalty > 1 always lowers a repeated token's odds. An id that occurs several times in
+   the window is penalized once. Window slots holding PADDING_TOKEN (or any id outside
+   0..V-1) are ignored. A penalty of 1 changes nothing. Cost O(V + W): the window's
+   logits are gathered, penalized and written back (one scatter in the package).
 2. Greedy mode (temperature == 0): the token is the argmax of the penalized logits
    (lowest index on a tie). Min-p, coherence and noise play no part.
 3. Coherence modulation: the effective temperature is
@@ -138,12 +140,24 @@ def window_mask(window_ids, vocab_size: int) -> np.ndarray:
     return seen
 
 
+def window_columns(window_ids, vocab_size: int) -> np.ndarray:
+    """(W,) column of each window slot: its id, or vocab_size (an extra, discarded column)
+    for padding and out-of-range ids."""
+    ids = np.asarray(window_ids, dtype=np.int64).reshape(-1)
+    return np.where((ids >= 0) & (ids < vocab_size), ids, vocab_size)
+
+
 def penalize(logits: np.ndarray, window_ids, penalty: float) -> np.ndarray:
-    """Rule 1 on fp32 logits (V,)."""
+    """Rule 1 on fp32 logits (V,), as the package does it: gather the window's logits
+    (from a copy padded with one extra column), penalize, write back, drop the column.
+    A repeated id gathers the same unpenalized logit each time: penalized once."""
     x = as_fp32_logits(logits)
     p = np.float32(penalty)
-    penalized = np.where(x > 0, x / p, x * p).astype(np.float32)
-    return np.where(window_mask(window_ids, x.size), penalized, x).astype(np.float32)
+    padded = np.append(x, np.float32(0))                                   # (V + 1,)
+    columns = window_columns(window_ids, x.size)                           # (W,)
+    seen = padded[columns]
+    padded[columns] = np.where(seen > 0, seen / p, seen * p).astype(np.float32)
+    return padded[: x.size]
 
 
 def normalized_entropy(logits: np.ndarray) -> np.float32:

@@ -1,10 +1,18 @@
-"""Static RoPE, causal-mask and KV-write tables for the reversed ring KV layout.
+"""Static RoPE and causal-mask constants for the reversed ring KV layout, all linear in S.
 
 Reversed ring: the token at position p is stored in KV slot S-1-p (S = SEQ_LEN), so the
-active context 0..p always occupies the contiguous suffix of slots S-1-p .. S-1. A new
-row is written by a masked blend, cache * (1 - w) + new * w, with w a one-hot row of the
-write table; attention adds the matching row of the mask table. Rows are picked by
-position with a gather, so the graph stays static (the ANE compiler needs that).
+active context 0..p always occupies the contiguous suffix of slots S-1-p .. S-1. A
+shard's position must lie in [0, S): the host stops at capacity (runtime/generate.py)
+and the reference refuses a position outside it.
+
+Per-position rows come from one slice at the position, never from an S x S table (at
+MAX_SEQ_LEN = 32768 such a table would hold 2 GiB in fp16):
+- RoPE: row p of one merged (S, 2D) table [cos | sin_signed].
+- Causal mask: a (2S,) ramp, MASK_NEG for indices < S-1 and 0 from S-1 on. Its slice
+  [p, p+S) is 0 exactly at slots s >= S-1-p (the active suffix) and MASK_NEG elsewhere.
+- KV_WRITE=blend's one-hot write row: a (2S,) ramp with a single 1 at index S-1. Its
+  slice [p, p+S) is 1 exactly at slot S-1-p. (KV_WRITE=slice needs no table: it writes
+  the row at slot S-1-p with slice_update.)
 """
 from __future__ import annotations
 
@@ -14,14 +22,20 @@ import numpy as np
 
 from ..errors import BuildError
 
-# Largest finite fp16 negative. Adding a negative score may round it to -inf, which
-# softmax maps to 0 just the same; the current slot is always unmasked, so no row is all -inf.
-MASK_NEG = -65504.0
+# Additive causal mask for slots outside the context. Apple's ANE guidance (-40000, not
+# -inf) keeps score + MASK_NEG finite in fp16 for every score above -25504 (the old
+# -65504, fp16's most negative finite value, overflowed to -inf for any negative score),
+# while exp(score + MASK_NEG - max) still underflows to exactly 0 in fp16 and fp32 (below
+# -104) unless a masked score exceeds the row's max by ~39900. QK-normed, 1/sqrt(D)-scaled
+# scores are orders of magnitude inside both bounds. Exact in fp16 (a multiple of 32).
+MASK_NEG = -40000.0
 
 
 def ring_slot(position: int, seq_len: int) -> int:
-    """KV slot of the token at `position` (0-based) in the reversed ring."""
-    return (seq_len - 1 - position) % seq_len
+    """KV slot of the token at `position`, 0 <= position < seq_len, in the reversed ring."""
+    if not 0 <= position < seq_len:
+        raise ValueError(f"position {position} is outside the ring's capacity 0..{seq_len - 1}")
+    return seq_len - 1 - position
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -42,29 +56,36 @@ def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[np.ndarray, 
     return cos_table.astype(np.float32), sin_signed.astype(np.float32)
 
 
-def write_table(seq_len: int) -> np.ndarray:
-    """(S, S) one-hot rows: row p has a 1 at slot S-1-p (the anti-diagonal)."""
-    return np.fliplr(np.eye(seq_len, dtype=np.float32)).copy()
+def rope_table(seq_len: int, head_dim: int, theta: float) -> np.ndarray:
+    """(S, 2D) float32: row p is [cos_p | sin_signed_p], read with one slice per shard call."""
+    cos, sin_signed = rope_tables(seq_len, head_dim, theta)
+    return np.concatenate([cos, sin_signed], axis=1)        # (S, 2D)
 
 
-def mask_table(seq_len: int) -> np.ndarray:
-    """(S, S): row p is 0 on the active suffix (slots >= S-1-p), MASK_NEG elsewhere."""
-    slots = np.arange(seq_len)[None, :]
-    first_active = (seq_len - 1 - np.arange(seq_len))[:, None]
-    return np.where(slots >= first_active, 0.0, MASK_NEG).astype(np.float32)
+def mask_ramp(seq_len: int) -> np.ndarray:
+    """(2S,) float32: [MASK_NEG] * (S-1) + [0] * (S+1); ramp[p:p+S] is position p's mask row."""
+    ramp = np.zeros(2 * seq_len, np.float32)
+    ramp[: seq_len - 1] = MASK_NEG
+    return ramp
+
+
+def write_ramp(seq_len: int) -> np.ndarray:
+    """(2S,) float32 with one 1 at index S-1; ramp[p:p+S] is one-hot at slot S-1-p (KV_WRITE=blend)."""
+    ramp = np.zeros(2 * seq_len, np.float32)
+    ramp[seq_len - 1] = 1.0
+    return ramp
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardTables:
-    cos: np.ndarray
-    sin_signed: np.ndarray
-    write: np.ndarray
-    mask: np.ndarray
+    rope: np.ndarray               # (S, 2D) [cos | sin_signed]
+    mask_ramp: np.ndarray          # (2S,)
+    write_ramp: np.ndarray | None  # (2S,) for KV_WRITE=blend, None for slice
 
 
-def shard_tables(seq_len: int, head_dim: int, theta: float) -> ShardTables:
-    cos, sin_signed = rope_tables(seq_len, head_dim, theta)
-    return ShardTables(cos, sin_signed, write_table(seq_len), mask_table(seq_len))
+def shard_tables(seq_len: int, head_dim: int, theta: float, kv_write: str) -> ShardTables:
+    return ShardTables(rope=rope_table(seq_len, head_dim, theta), mask_ramp=mask_ramp(seq_len),
+                       write_ramp=write_ramp(seq_len) if kv_write == "blend" else None)
 
 
 def fp16_array(value: np.ndarray, what: str) -> np.ndarray:

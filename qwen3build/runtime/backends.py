@@ -93,6 +93,9 @@ def reference_from_stack(stack: Stack):
     from ..settings.layout import parse_layout
     from ..settings.model_config import ModelConfig
 
+    if stack.is_release:
+        raise BuildError(f"{stack.models_dir} is a release bundle: it ships the packages, not the weights, SLaNC "
+                         "scales and packs the torch backend computes with; use --backend evaluator (or coreml)")
     info = stack.info
     config = ModelConfig(**{**info["model"], "eos_token_ids": tuple(info["model"].get("eos_token_ids") or ())})
     files = [Path(f) for f in (info.get("weights") or {}).get("files", [])]
@@ -112,7 +115,8 @@ def reference_from_stack(stack: Stack):
                             {layer: pack_root / f"layer{layer:02d}" for layer, a in layers.items() if any(a.values())},
                             pack_root / "embed" if quant.get("embed_bits") else None, config.tie_word_embeddings)
     layout = parse_layout(stack.layout_text, config.num_hidden_layers)
-    return ReferenceStack(checkpoint, weights, config, layout, np.load(scales_path), stack.seq_len)
+    return ReferenceStack(checkpoint, weights, config, layout, np.load(scales_path), stack.seq_len,
+                          info["kv_write"])
 
 
 class TorchBackend:

@@ -22,7 +22,8 @@ def build(inputs, outputs) -> dict:
     package = spec.package_name
     seq_len = values["SEQ_LEN"]
     started = time.perf_counter()
-    log.info("%s: layers %d-%d (%s), SEQ_LEN %d", package, spec.first, spec.last, spec.role, seq_len)
+    log.info("%s: layers %d-%d (%s), SEQ_LEN %d, KV_WRITE %s", package, spec.first, spec.last, spec.role, seq_len,
+             values["KV_WRITE"])
     # Rows of other layers are NaN: a read outside the shard's declared rows would show.
     scales = np.full((config.num_hidden_layers + 1, 4), np.nan, np.float32)
     for layer, row in values["scales"].items():

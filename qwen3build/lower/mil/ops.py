@@ -1,7 +1,8 @@
-"""MIL backend for graph.py: emits the same math as iOS18 ML Program ops, in fp16.
+"""MIL backend for graph/decoder.py: emits the same math as iOS18 ML Program ops, in fp16.
 
 Only call inside an `mb.program` function. Op names carry the current scope
-(`layer07_linear_12`) so MIL dumps read like the graph.
+(`layer07_linear_12`) so MIL dumps read like the graph. Index arithmetic (ring slot,
+slice begins) stays int32.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 from coremltools.converters.mil import Builder as mb
 
 FP16 = np.float16
+INT32 = np.int32
 
 
 class MilOps:
@@ -75,3 +77,37 @@ class MilOps:
 
     def stack_first(self, values):
         return mb.stack(values=list(values), axis=0, name=self._name("stack"))
+
+    # -- per-position rows and the KV state ----------------------------------------
+
+    def slice_rows(self, table, start, count: int):
+        """Rows start .. start+count-1 of `table` along axis 0; start (1,) int32 at run time.
+        One slice_by_size (no gather, so no common::guard_negative_gather_indices ops)."""
+        rank = table.rank
+        begin = start if rank == 1 else mb.concat(values=[start, np.zeros(rank - 1, INT32)], axis=0,
+                                                  name=self._name("begin"))
+        return mb.slice_by_size(x=table, begin=begin, size=[count] + list(table.shape[1:]),
+                                name=self._name("rows"))
+
+    def index_rsub(self, constant: int, x):
+        """constant - x in int32 (x an int32 index)."""
+        return mb.sub(x=INT32(constant), y=x, name=self._name("index_rsub"))
+
+    def read_state(self, state):
+        return mb.read_state(input=state, name=self._name("kv_read"))
+
+    def write_state(self, state, value):
+        return mb.coreml_update_state(state=state, value=value, name=self._name("kv_write"))
+
+    def write_state_row(self, state, value, index: int, slot, row):
+        """value[index, :, slot, :] = row (row (KVH, 1, D); slot (1,) int32), stored in
+        `state` right away: slice_update -> coreml_update_state, the pattern coremltools 9
+        saves as read_state -> slice_update -> write_state (an in-place row write).
+        Returns the update's value, which later reads must use."""
+        _, kv_heads, _, head_dim = value.shape
+        begin = mb.concat(values=[np.array([index, 0], INT32), slot, np.zeros(1, INT32)], axis=0,
+                          name=self._name("row_begin"))                              # [index, 0, slot, 0]
+        end = mb.add(x=begin, y=np.array([1, kv_heads, 1, head_dim], INT32), name=self._name("row_end"))
+        row = mb.reshape(x=row, shape=[1, kv_heads, 1, head_dim], name=self._name("row"))  # (1, KVH, 1, D)
+        written = mb.slice_update(x=value, update=row, begin=begin, end=end, name=self._name("row_write"))
+        return mb.coreml_update_state(state=state, value=written, name=self._name("kv_write"))

@@ -1,7 +1,7 @@
 """MIL programs for the three kinds of package: decoder shard, io_model, sampler.
 
 Pure functions from weights and settings to MIL programs; only the task actions write
-files. The math comes from graph.py through MilOps.
+files. The math comes from graph/decoder.py through MilOps.
 """
 from __future__ import annotations
 
@@ -44,12 +44,14 @@ def kv_state_shape(spec: ShardSpec, config: ModelConfig, seq_len: int) -> tuple[
 
 
 def shard_program(tensors, weights, config: ModelConfig, spec: ShardSpec, scales: np.ndarray, seq_len: int,
-                  palettize_tables: bool, table_savings: dict | None = None, kv_write: str = "blend"):
+                  palettize_tables: bool, table_savings: dict | None = None, *, kv_write: str):
     """tensors: the norms' source (tensor(name)); weights: quant.provider.PackedWeights;
-    scales: SLaNC rows indexed by layer (rows of layers outside the shard are not read)."""
-    if kv_write != "blend":
-        raise BuildError(f"KV_WRITE={kv_write} is not built yet; use KV_WRITE=blend")
-    tables = shard_tables(seq_len, config.head_dim, config.rope_theta)
+    scales: SLaNC rows indexed by layer (rows of layers outside the shard are not read);
+    kv_write: KV_WRITE ("slice" or "blend", graph/decoder.py). The program's `position`
+    input must be in [0, seq_len)."""
+    if kv_write not in graph.KV_WRITERS:
+        raise BuildError(f"KV_WRITE={kv_write!r} is unknown; allowed: {', '.join(graph.KV_WRITERS)}")
+    tables = shard_tables(seq_len, config.head_dim, config.rope_theta, kv_write)
     state_shape = kv_state_shape(spec, config, seq_len)
     reset_op_names()
 
@@ -60,12 +62,11 @@ def shard_program(tensors, weights, config: ModelConfig, spec: ShardSpec, scales
     ], opset_version=OPSET)
     def program(hidden_states, position, kv_cache):
         ops = MilOps()
-        table_vars = {
-            "cos": table_var(tables.cos, "rope_cos", False),
-            "sin_signed": table_var(tables.sin_signed, "rope_sin_signed", False),
-            "write": table_var(tables.write, "kv_write_table", palettize_tables, table_savings),
-            "mask": table_var(tables.mask, "causal_mask_table", palettize_tables, table_savings),
-        }
+        # The RoPE table takes many values; the ramps two each (palettized when asked).
+        table_vars = {"rope": table_var(tables.rope, "rope_table", False),
+                      "mask_ramp": table_var(tables.mask_ramp, "causal_mask_ramp", palettize_tables, table_savings)}
+        if tables.write_ramp is not None:
+            table_vars["write_ramp"] = table_var(tables.write_ramp, "kv_write_ramp", palettize_tables, table_savings)
 
         def weight(layer, kind):
             name = f"layer{layer:02d}_{kind}"
@@ -79,11 +80,8 @@ def shard_program(tensors, weights, config: ModelConfig, spec: ShardSpec, scales
         if spec.is_exit:
             final_norm = mb.const(val=tensors.tensor_fp16("model.norm.weight"),
                                   name="final_norm")
-        state = mb.read_state(input=kv_cache, name="kv_read")  # read once; thread the value on
-        out, new_state = graph.decoder_shard(ops, hidden_states, position, state, weight, table_vars,
-                                             spec.layers, spec.is_exit, config, scales, seq_len,
-                                             final_norm=final_norm)
-        mb.coreml_update_state(state=kv_cache, value=new_state, name="kv_write")
+        out = graph.decoder_shard(ops, hidden_states, position, kv_cache, weight, table_vars, spec.layers,
+                                  spec.is_exit, config, scales, seq_len, kv_write, final_norm=final_norm)
         return mb.identity(x=out, name="output_hidden_states")
 
     return program

@@ -3,8 +3,8 @@
 One package serves every setting: temperature, min-p, repetition penalty and coherence
 strength are inputs, not constants, and the randomness comes in as host noise, so a run
 is reproducible from its seed and the graph holds no random op. The rules are written
-out (and tested against) in qwen3build/sampling.py; this module emits the same steps,
-in the same order, as MIL.
+out (and tested against) in qwen3build/graph/sampler.py; this module emits the same
+steps, in the same order, as MIL. Per-token work is O(V + W): no op holds V x W values.
 
 Inputs (docs/run.md has the table):
     logits              (1, V) fp16    the io_model lm_head output
@@ -64,21 +64,23 @@ def sampler_program(vocab_size: int, window: int = sampling.DEFAULT_WINDOW):
         # An overflowed fp16 logit (inf) would make the entropy NaN.
         x = mb.clip(x=x, alpha=_f32(-sampling.FP16_MAX), beta=_f32(sampling.FP16_MAX), name="logits_finite")
 
-        # 1. Repetition penalty. Padding / out-of-range ids are sent to an extra column V
-        #    that is cut off again: no reliance on how one_hot treats a -1 index.
+        # 1. Repetition penalty, O(V + W): gather the window's logits, penalize them, write
+        #    them back with one scatter. Padding / out-of-range ids go to an extra column V
+        #    that is cut off again. A repeated id gathers the same unpenalized logit each
+        #    time and writes the same value back, so duplicates cannot penalize twice and
+        #    the order of the writes does not matter. Indices stay int32.
         valid = mb.logical_and(x=mb.greater_equal(x=recent_tokens, y=np.int32(0)),
                                y=mb.less(x=recent_tokens, y=np.int32(vocab_size)), name="window_valid")
         ids = mb.select(cond=valid, a=recent_tokens, b=np.int32(vocab_size), name="window_ids")   # (1, W)
-        hot = mb.one_hot(indices=ids, one_hot_vector_size=vocab_size + 1, axis=-1,
-                         on_value=_f32(1), off_value=_f32(0), name="window_one_hot")          # (1, W, V + 1)
-        seen = mb.reduce_max(x=hot, axes=[1], keep_dims=False, name="window_seen_padded")     # (1, V + 1)
-        seen = mb.slice_by_size(x=seen, begin=[0, 0], size=[1, vocab_size], name="window_seen")  # (1, V)
-        in_window = mb.greater(x=seen, y=_f32(0.5), name="in_window")
+        padded = mb.concat(values=[x, np.zeros((1, 1), np.float32)], axis=1, name="logits_padded")  # (1, V + 1)
+        seen = mb.gather_along_axis(x=padded, indices=ids, axis=1, name="window_logits")           # (1, W)
         # Full-shape a/b for select (its type inference ignores cond's shape: DESIGN section 3).
-        penalized = mb.select(cond=mb.greater(x=x, y=_f32(0)),
-                              a=mb.real_div(x=x, y=repetition_penalty), b=mb.mul(x=x, y=repetition_penalty),
-                              name="penalized_all")
-        x = mb.select(cond=in_window, a=penalized, b=x, name="penalized")                      # (1, V)
+        penalized = mb.select(cond=mb.greater(x=seen, y=_f32(0)),
+                              a=mb.real_div(x=seen, y=repetition_penalty), b=mb.mul(x=seen, y=repetition_penalty),
+                              name="window_penalized")                                        # (1, W)
+        padded = mb.scatter_along_axis(data=padded, indices=ids, updates=penalized, axis=1, mode="update",
+                                       name="logits_penalized_padded")                        # (1, V + 1)
+        x = mb.slice_by_size(x=padded, begin=[0, 0], size=[1, vocab_size], name="penalized")   # (1, V)
 
         # 2. Greedy branch.
         greedy_token = mb.reduce_argmax(x=x, axis=-1, keep_dims=False, name="greedy_token")   # (1,) int32

@@ -1,4 +1,9 @@
-"""Eager fp32 torch backend for graph.py: the project's reference of the deployed graph."""
+"""Eager fp32 torch backend for graph/decoder.py: the project's reference of the deployed graph.
+
+States are torch tensors updated in place: read_state returns the state itself, and a
+row write or a state write changes it, as Core ML's state update does. The graph only
+reads a state value after the last write that should be in it, so aliasing is exact.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -59,3 +64,30 @@ class TorchOps:
 
     def stack_first(self, values):
         return torch.stack(values, dim=0)
+
+    # -- per-position rows and the KV state ----------------------------------------
+
+    def slice_rows(self, table, start, count: int):
+        first = int(start[0])
+        if first < 0 or first + count > table.shape[0]:
+            raise IndexError(f"rows {first}..{first + count - 1} are outside a table of {table.shape[0]} rows")
+        return table[first:first + count]
+
+    def index_rsub(self, constant: int, x):
+        return constant - x
+
+    def read_state(self, state):
+        return state
+
+    def write_state(self, state, value):
+        state.copy_(value)
+        return state
+
+    def write_state_row(self, state, value, index: int, slot, row):
+        if value is not state:
+            raise ValueError("a row write must go to the state value last read or written")
+        first = int(slot[0])
+        if not 0 <= first < state.shape[2]:
+            raise IndexError(f"ring slot {first} is outside the {state.shape[2]} slots")
+        state[index, :, first:first + 1, :] = row  # row (KVH, 1, D)
+        return state

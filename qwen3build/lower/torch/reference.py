@@ -1,11 +1,14 @@
 """The re-authored graph run eagerly in fp32 torch: the project's reference.
 
-Same graph.py math, same layout, ring KV states, tables and SLaNC scales as the packages,
-and the same constants as packed (fp16-rounded, or dequantized from quantization packs),
-computed in fp32. verify compares it with the HF oracle (does the re-authoring hold?) and
-with the packages (does the emitted fp16 program hold?); `run` uses it as a fast backend.
+Same graph/decoder.py math (including the KV_WRITE mode's ring write), same layout, ring
+KV states, tables and SLaNC scales as the packages, and the same constants as packed
+(fp16-rounded, or dequantized from quantization packs), computed in fp32. verify
+compares it with the HF oracle (does the re-authoring hold?) and with the packages (does
+the emitted fp16 program hold?); `run` uses it as a fast backend.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -21,12 +24,19 @@ from .ops import TorchOps
 class ReferenceStack:
     """tensors: the norms' source (tensor_fp16(name)); weights: quant.provider.PackedWeights."""
 
-    def __init__(self, tensors, weights, config, layout: tuple[ShardSpec, ...], scales: np.ndarray, seq_len: int):
+    def __init__(self, tensors, weights, config, layout: tuple[ShardSpec, ...], scales: np.ndarray, seq_len: int,
+                 kv_write: str = "slice"):
+        """kv_write: the KV_WRITE mode whose ring write the reference runs (the packages'
+        mode; both give the same values in fp32)."""
+        if kv_write not in graph.KV_WRITERS:
+            raise ValueError(f"kv_write={kv_write!r} is not one of {sorted(graph.KV_WRITERS)}")
         self.config, self.layout, self.seq_len, self.scales = config, layout, seq_len, scales
+        self.kv_write = kv_write
         self.ops = ops = TorchOps()
         as_packed = lambda value, what: ops.tensor(fp16_array(value, what).astype(np.float32))  # noqa: E731
-        tables = shard_tables(seq_len, config.head_dim, config.rope_theta)
-        self.tables = {name: as_packed(getattr(tables, name), name) for name in ("cos", "sin_signed", "write", "mask")}
+        tables = shard_tables(seq_len, config.head_dim, config.rope_theta, kv_write)
+        self.tables = {field.name: as_packed(getattr(tables, field.name), field.name)
+                       for field in dataclasses.fields(tables) if getattr(tables, field.name) is not None}
         self.layer_weights = {}
         for layer in range(config.num_hidden_layers):
             for kind in NORMS:
@@ -51,9 +61,9 @@ class ReferenceStack:
         ops, c = self.ops, self.config
         hidden = graph.embed(ops, self.embed_table, torch.tensor([[token]], dtype=torch.int32), c.hidden_size)
         pos = torch.tensor([position], dtype=torch.int32)
-        for index, spec in enumerate(self.layout):
-            hidden, self.states[index] = graph.decoder_shard(
+        for index, spec in enumerate(self.layout):  # each shard updates its state in place
+            hidden = graph.decoder_shard(
                 ops, hidden, pos, self.states[index], lambda layer, kind: self.layer_weights[layer, kind],
-                self.tables, spec.layers, spec.is_exit, c, self.scales, self.seq_len,
+                self.tables, spec.layers, spec.is_exit, c, self.scales, self.seq_len, self.kv_write,
                 final_norm=self.final_norm)
         return graph.lm_head(ops, hidden, self.head, c.hidden_size, c.vocab_size)[0].numpy()
