@@ -24,12 +24,14 @@ def summary_rows(builder, statuses: dict) -> list[tuple]:
         key = builder.key(artifact)
         meta = builder.cache.read_meta(key) if key else None
         bpw = (meta or {}).get("extra", {}).get("bpw")
-        rows.append((label, status, seconds, human_size((meta or {}).get("bytes")), f"{bpw:.2f}" if bpw else "-"))
+        peak = (meta or {}).get("peak_rss")
+        rows.append((label, status, seconds, human_size((meta or {}).get("bytes")), f"{bpw:.2f}" if bpw else "-",
+                     human_size(peak) if peak else "-"))
     return rows
 
 
 def format_table(rows) -> str:
-    header = ("package", "status", "time", "size", "bits/weight")
+    header = ("package", "status", "time", "size", "bits/weight", "build peak RSS")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
