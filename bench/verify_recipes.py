@@ -17,6 +17,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qwen3build.build.cache import ActionCache  # noqa: E402
 RECIPES = ("fp16", "lut8", "default", "lut6-4")
 
 
@@ -48,14 +51,19 @@ def main() -> int:
         report_path = args.work / f"report-{recipe}.json"
         started = time.perf_counter()
         verified = doit(args.work, "verify", REPORT=report_path, **common, **extra)
+        if not report_path.is_file():
+            sys.exit(f"{recipe}: verify wrote no report\n{verified.stdout}\n{verified.stderr}")
         verify_seconds = time.perf_counter() - started
         report = json.loads(report_path.read_text())
         failed |= not report["passed"]
-        state_dir = args.work / "artifacts/.state"
-        sizes = [json.loads(p.read_text()) for p in state_dir.glob("shard__*.json")]
-        bpw = sum(s["bpw"] * s["layers"] for s in sizes) / max(sum(s["layers"] for s in sizes), 1)
-        io_state = json.loads((state_dir / "io_model.json").read_text())
-        total_mb = (sum(s["bytes"] for s in sizes) + io_state["bytes"]) / 1e6
+        stack = json.loads((args.work / "artifacts/coreml/packages/stack.json").read_text())
+        cache = ActionCache(args.work / "cache")
+        metas = {artifact: cache.read_meta(key) for artifact, key in stack["keys"].items()}
+        shards = [(metas[f"shard:{s['name']}"], s["last"] - s["first"] + 1) for s in stack["shards"]]
+        bpw = sum(m["extra"]["bpw"] * layers for m, layers in shards) / max(sum(n for _, n in shards), 1)
+        io_meta = metas["io_model"]
+        io_state = {"bpw": io_meta["extra"]["bpw"]}
+        total_mb = (sum(m["bytes"] for m, _ in shards) + io_meta["bytes"]) / 1e6
         for rung in ("reference", "packages"):
             figures = report["rungs"].get(rung)
             if not figures:
