@@ -7,14 +7,16 @@ Real Qwen3-1.7B config values (28 layers, hidden 2048, 16 heads x head_dim 128, 
 heads, intermediate 6144, vocab 151936, rope_theta 1e6, tied embeddings, bf16), random
 weights at a realistic scale, sharded into ~2 GB model-0000k-of-0000n.safetensors files
 with model.safetensors.index.json. It streams (one row block in memory at a time), so
-peak RSS is a few hundred MB. No tokenizer is written: the build does not need one for
-this bench, and a 151936-entry vocabulary cannot be trained here.
+peak RSS is a few hundred MB. A 151936-entry tokenizer cannot be trained here: the
+embedded default checkpoint's tokenizer.json (2048 ids, all inside the vocabulary) is
+copied beside it as a stand-in, so `doit verify` and `run` can tokenize text.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     write_random_qwen3_checkpoint(args.out, config, dtype="bfloat16",
                                   max_shard_bytes=SHARD_BYTES, seed=args.seed)
+    shutil.copyfile(REPO_ROOT / "assets" / "qwen3-tiny" / "tokenizer.json", args.out / "tokenizer.json")
     logging.info("Qwen3-1.7B-shaped checkpoint (%d layers) in %s after %.1f s",
                  args.layers, args.out, time.perf_counter() - started)
     return 0
