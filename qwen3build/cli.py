@@ -45,7 +45,9 @@ def _add_run_parser(subparsers) -> None:
     run.add_argument("--models-dir", help="a build's OUT_DIR holding stack.json, or an unzipped release "
                                           "(default: the default build's artifacts/coreml/packages)")
     run.add_argument("--tokenizer", help="tokenizer.json (default: the one stack.json names)")
-    run.add_argument("--prompt", required=True, help="the prompt text; '-' reads it from stdin")
+    prompt = run.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text; '-' reads it from stdin")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a UTF-8 text file")
     run.add_argument("--no-chat-template", action="store_true",
                      help="send the prompt as is even when the tokenizer has a chat template")
     run.add_argument("--max-new-tokens", type=int, default=128, help="token budget (default 128)")
@@ -62,6 +64,8 @@ def _add_run_parser(subparsers) -> None:
     run.add_argument("--stats", action="store_true",
                      help="report time to first token, prefill and decode tokens/s")
     run.add_argument("--prefill-progress", action="store_true", help="show progress while the prompt is read")
+    run.add_argument("--no-prefill", action="store_true",
+                     help="read the prompt one token per call (decode) even when the stack has a prefill function")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
                      help="auto (Core ML on macOS, else evaluator), coreml, evaluator, torch")
     run.add_argument("-v", "--verbose", action="store_true", help="log every package opened and more")
@@ -150,6 +154,29 @@ def sampler_settings(args) -> tuple:
     return settings, (secrets.randbits(32) if args.seed is None else args.seed)
 
 
+def read_prompt(args) -> str:
+    """--prompt TEXT, --prompt - (stdin) or --prompt-file PATH."""
+    from pathlib import Path
+
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file).expanduser()
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise BuildError(f"--prompt-file {path} does not exist; give a UTF-8 text file") from None
+        except IsADirectoryError:
+            raise BuildError(f"--prompt-file {path} is a directory; give a UTF-8 text file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BuildError(f"--prompt-file {path}: cannot read as UTF-8 text ({exc})") from None
+        if not prompt:
+            raise BuildError(f"--prompt-file {path} is empty; give the text to continue")
+        return prompt
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise BuildError("--prompt is empty; give the text to continue")
+    return prompt
+
+
 def default_models_dir():
     """OUT_DIR of the default build: qwen3build.toml's, or the OUT_DIR environment variable."""
     import os
@@ -173,9 +200,7 @@ def run_command(args) -> int:
     if args.repetition_penalty is not None and not args.repetition_penalty > 0:
         raise BuildError(f"--repetition-penalty={args.repetition_penalty} must be above 0 (1 = off)")
     settings, seed = sampler_settings(args)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not prompt:
-        raise BuildError("--prompt is empty; give the text to continue")
+    prompt = read_prompt(args)
     models_dir = Path(args.models_dir) if args.models_dir else default_models_dir()
     stack = load_stack(models_dir)
     tokenizer = Path(args.tokenizer) if args.tokenizer else stack.tokenizer
@@ -188,13 +213,16 @@ def run_command(args) -> int:
     if max(prompt_ids, default=0) >= stack.vocab_size:
         raise BuildError(f"tokenizer {codec.path} produced id {max(prompt_ids)} but the model's vocabulary has "
                          f"{stack.vocab_size} entries: wrong --tokenizer for this stack")
-    backend = backends.open_backend(stack, args.backend)
+    backend = backends.open_backend(stack, args.backend, use_prefill=not args.no_prefill)
     mode = "greedy" if settings.greedy else (
         f"sample (temperature {settings.temperature}, min-p {settings.min_p}, coherence {settings.coherence}, "
         f"seed {seed})")
-    log.info("backend: %s (%s); %s; repetition penalty %s over the last %d tokens; prompt %d tokens%s",
+    reading = (f"prefill blocks of {backend.prefill_len}" if backend.prefill_len else
+               "one token per call (--no-prefill)" if args.no_prefill and stack.prefill_len else
+               "one token per call (the stack has no prefill function: PREFILL_LEN=0)")
+    log.info("backend: %s (%s); %s; repetition penalty %s over the last %d tokens; prompt %d tokens, %s%s",
              backend.name, backend.description, mode, settings.repetition_penalty, backend.window,
-             len(prompt_ids), " (chat template applied)" if use_template else "")
+             len(prompt_ids), reading, " (chat template applied)" if use_template else "")
     stream = text.TextStream(codec, args.stream_mode)
     generation = generate.generate(
         backend, prompt_ids, settings, args.max_new_tokens, stack.eos_token_ids, stack.seq_len, seed=seed,
@@ -209,6 +237,8 @@ def run_command(args) -> int:
         log.info("stats: time_to_first_token=%.3f s prefill=%.1f tokens/s decode=%.1f tokens/s",
                  generation.time_to_first_token, generation.prefill_tokens_per_second,
                  generation.decode_tokens_per_second)
+        log.info("stats: prompt read in %d prefill call(s) of %d tokens and %d decode call(s)",
+                 generation.prefill_calls, generation.prefill_len, generation.prompt_decode_calls)
     return 0
 
 

@@ -50,6 +50,17 @@ class Stack:
         return self.info["recipe"]
 
     @property
+    def prefill_len(self) -> int:
+        """Tokens per call of the shards' `prefill` function; 0: decode only (also a stack
+        from before prefill, which records none)."""
+        return int(self.info.get("prefill_len") or 0)
+
+    def functions(self, package: str) -> list[str]:
+        """The functions stack.json records for `package` (a file name), default first; []
+        when it records none (a stack from before prefill)."""
+        return list((self.info.get("functions") or {}).get(package) or [])
+
+    @property
     def shards(self) -> list[dict]:
         return self.info["shards"]
 
@@ -121,6 +132,8 @@ def load_stack(models_dir: Path, check_files: bool = True) -> Stack:
         for key in ("seq_len", "model", "io_model", "sampler", "shards", "files"):
             info[key]
         info["model"]["vocab_size"]
+        if isinstance(info.get("prefill_len", 0), bool) or int(info.get("prefill_len") or 0) < 0:
+            raise ValueError(f"prefill_len {info['prefill_len']!r} is not a whole number >= 0")
     except (ValueError, KeyError, TypeError) as exc:
         raise BuildError(f"{path} is not a qwen3build stack description ({exc}); rebuild with `./dev build`") from None
     stack = Stack(models_dir.resolve(), info)

@@ -371,6 +371,20 @@ def test_doit_audit_report_is_consistent_and_up_to_date(workspace):
         assert package["state_update"] in ("in-place rows", "full rewrite")
     io_model = report["packages"][0]
     assert [f["name"] for f in io_model["functions"] if f["decode"]] == ["embed", "lm_head"]
+    # prefill: embed_prefill + every shard's prefill per block of PREFILL_LEN prompt tokens
+    prefill, block = stack["prefill"], stack_info["prefill_len"]
+    assert block > 0 and prefill["prefill_len"] == block
+    assert prefill["chain"] == [f"{io_model['name']}:embed_prefill",
+                                *[f"{s['package']}:prefill" for s in stack_info["shards"]]]
+    assert prefill["dispatches_per_prompt_token"] == pytest.approx((1 + len(stack_info["shards"])) / block, abs=1e-6)
+    calling = [p for p in report["packages"] if p["prefill"]]
+    assert prefill["bytes_per_call"] == sum(p["prefill"]["bytes_per_call"] for p in calling)
+    for package in report["packages"][1:-1]:   # a shard reads its weights and its state once per block, not per token
+        assert package["prefill"]["function"] == "prefill"
+        assert package["prefill"]["bytes_per_prompt_token"] < package["decode_bytes_per_token"]
+        assert [f["name"] for f in package["functions"] if f["prefill"]] == ["prefill"]
+    assert report["packages"][-1]["prefill"] is None   # the sampler takes no part
+    assert "prefill MB/prompt token" in first.stdout and "per prompt token (prefill blocks of" in first.stdout
     assert io_model["weights_stored_bytes"] <= io_model["weights_file_bytes"]   # the shared table counted once
     if sys.platform != "darwin":
         assert "macOS" in report["compute_plan"]["skipped"]

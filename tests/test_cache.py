@@ -1,7 +1,6 @@
 """The action cache trusts nothing: damaged or incomplete entries are found, quarantined
 and rebuilt; published files are copies a write cannot reach the cache through; the
 cache can be inspected, verified and kept to a size."""
-import json
 import os
 import stat
 import subprocess
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, DoitWorkspace, make_checkpoint
+from conftest import REPO, DoitWorkspace
 
 SEQ_A, SEQ_B, SEQ_C = 32, 40, 48
 SHARDS = ("shard:left", "shard:mid", "shard:right")

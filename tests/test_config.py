@@ -7,6 +7,7 @@ from qwen3build.settings.layout import parse_layout, preset_layout
 from qwen3build.settings.settings import load_settings, parse_seq_len
 from qwen3build.errors import BuildError
 from qwen3build.paths import DEFAULTS_FILE
+from conftest import make_checkpoint
 
 
 def test_preset_is_the_seed_split_at_28_layers():
@@ -130,3 +131,14 @@ def test_plan_notes_come_only_after_every_check_passed(tmp_path, gqa_checkpoint,
         make_plan(plan_settings(tmp_path, gqa_checkpoint, RECIPE="default", SCALES=str(tmp_path / "none.npy")),
                   environ={})
     assert not caplog.records  # a refusal is the only line a user sees
+
+
+def test_default_prefill_len_follows_a_lowered_seq_len(tmp_path):
+    """A model whose maximum is below the default PREFILL_LEN: both defaults fit it; a
+    given PREFILL_LEN above the fitted SEQ_LEN is refused in one line."""
+    from qwen3build.build.plan import make_plan
+    config = make_checkpoint(tmp_path / "ckpt", "gqa", max_position_embeddings=32)
+    plan = make_plan(plan_settings(tmp_path, config), environ={})
+    assert (plan.settings.SEQ_LEN, plan.settings.PREFILL_LEN) == (32, 32)
+    with pytest.raises(BuildError, match="PREFILL_LEN=64 exceeds SEQ_LEN=32"):
+        make_plan(plan_settings(tmp_path, config, PREFILL_LEN="64"), environ={})

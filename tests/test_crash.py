@@ -1,6 +1,5 @@
 """kill -9 at any moment, builds side by side, failed builds: the published stack is always
 one whole stack, nothing is left behind, and the next build equals a clean one."""
-import json
 import os
 import signal
 import subprocess

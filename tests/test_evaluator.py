@@ -534,8 +534,10 @@ def test_emitted_ops_against_numpy(tmp_path):
         widened = mb.cast(x=x, dtype="fp32", name="widened")
         logical = mb.logical_and(x=mb.less(x=x, y=np.float16(1)), y=mb.greater_equal(x=x, y=np.float16(-1)),
                                  name="logical")
+        transposed = mb.transpose(x=x, perm=[2, 0, 1], name="transposed")
+        reversed_ = mb.reverse(x=x, axes=[1], name="reversed")
         return embedded, along, scattered, chosen, joined, stacked, sliced, window, rows, reduced, clipped, \
-            logged, widened, logical
+            logged, widened, logical, transposed, reversed_
 
     evaluator = PackageEvaluator(save_program(program, tmp_path / "ops.mlpackage"))
     token_ids = np.array([[7, 2]], np.int32)
@@ -560,6 +562,8 @@ def test_emitted_ops_against_numpy(tmp_path):
     np.testing.assert_allclose(out["logged"], np.log(fp16(x32 * x32).astype(np.float32)), rtol=2e-3, atol=2e-3)
     assert out["widened"].dtype == np.float32 and np.array_equal(out["widened"], x32)
     np.testing.assert_array_equal(out["logical"], (x < 1) & (x >= -1))
+    np.testing.assert_array_equal(out["transposed"], np.transpose(x, (2, 0, 1)))
+    np.testing.assert_array_equal(out["reversed"], x[:, ::-1])
     with pytest.raises(RuntimeError, match="slice_by_size.*outside"):  # past the end: refused, not shortened
         evaluator.predict({"token_ids": token_ids, "start": np.array([9], np.int32), "x": x})
 
@@ -590,8 +594,9 @@ class _QuantizedWeights:
 
 
 def _built_op_types(tmp_path, checkpoint_config) -> set[str]:
-    """Op types of every package kind as saved: shards in both KV_WRITE modes (fp16 with
-    dense tables, quantized with palettized ones), io_model (fp16 and quantized), sampler."""
+    """Op types of every package kind as saved, every function: shards in both KV_WRITE modes
+    (fp16 with dense tables, quantized with palettized ones; decode and prefill), io_model
+    (fp16 and quantized; the one-token and the prefill functions), sampler."""
     from qwen3build.checkpoint.reader import Checkpoint, resolve_weight_files
     from qwen3build.lower.mil import programs, sampler, save
     from qwen3build.quant.provider import PackedWeights
@@ -613,10 +618,10 @@ def _built_op_types(tmp_path, checkpoint_config) -> set[str]:
     for label, weights, palettize in (("fp16", PackedWeights.dense(checkpoint, True), False),
                                       ("quantized", _QuantizedWeights(checkpoint, 4, 8), True)):
         for mode in ("slice", "blend"):
-            record(programs.shard_program(checkpoint, weights, config, spec, scales, 8, palettize, kv_write=mode),
-                   f"shard_{label}_{mode}")
-        record(programs.embed_program(weights, config), f"embed_{label}")
-        record(programs.head_program(weights, config), f"head_{label}")
+            record(programs.shard_program(checkpoint, weights, config, spec, scales, 8, palettize, kv_write=mode,
+                                          prefill_len=4), f"shard_{label}_{mode}", functions=("decode", "prefill"))
+        record(programs.io_program(weights, config, 4), f"io_{label}",
+               functions=("embed", "lm_head", "embed_prefill", "lm_head_prefill"))
     record(sampler.sampler_program(config.vocab_size, 8), "sampler", compute_precision=ct.precision.FLOAT32)
     return seen
 
@@ -664,6 +669,44 @@ def test_multifunction_package_selects_function(tmp_path):
 
     with pytest.raises(ValueError, match="no function 'verify'"):
         PackageEvaluator(combined, function_name="verify")
+
+
+def test_functions_of_one_package_decode_shared_weights_once(tmp_path):
+    """PackageEvaluator.functions reads a package once and decodes a weight two functions
+    store once (the same blob) once: the functions' arithmetic reads the same fp32 array."""
+    from qwen3build.lower.mil.quant import shared_const
+    from qwen3build.evaluator.engine import ConstantPool
+    rng = np.random.default_rng(8)
+    weight = fp16(rng.standard_normal((16, 8)))
+    indices = rng.integers(0, 4, (16, 8)).astype(types.np_uint2_dtype)
+    lut = fp16(np.sort(rng.standard_normal((4, 1, 4, 1)), axis=2))
+    program = ct.converters.mil.mil.Program()
+    for name, rows in (("decode", 1), ("prefill", 3)):
+        @mb.function(input_specs=[mb.TensorSpec((rows, 8), dtype=types.fp16)], opset_version=IOS18)
+        def function(x):
+            dense = shared_const(weight, "w")
+            palettized = mb.constexpr_lut_to_dense(indices=shared_const(indices, "p_indices"),
+                                                   lut=shared_const(lut, "p_lut"), name="p")
+            return mb.add(x=mb.linear(x=x, weight=dense), y=mb.linear(x=x, weight=palettized), name="y")
+        program.add_function(name, function)
+    program.default_function_name, program.export_as_multifunction = "decode", True
+    path = save_program(program, tmp_path / "two.mlpackage")
+
+    pools = []
+    original = ConstantPool.__init__
+
+    def record(self):
+        original(self)
+        pools.append(self)
+    import unittest.mock
+    with unittest.mock.patch.object(ConstantPool, "__init__", record):
+        both = PackageEvaluator.functions(path, ["decode", "prefill"])
+    assert len(pools) == 1 and len(pools[0].widened) == 2  # w and p: one fp32 copy each, for both functions
+    dense = lut_to_dense(np.asarray(indices, np.uint8), lut, None).astype(np.float32) + weight.astype(np.float32)
+    x = fp16(rng.standard_normal((3, 8)))
+    for name, rows in (("decode", 1), ("prefill", 3)):
+        out = both[name].predict({"x": x[:rows]})["y"]
+        np.testing.assert_allclose(out, x[:rows].astype(np.float32) @ dense.T, atol=FP16_BLOCK_ATOL, rtol=FP16_BLOCK_RTOL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -729,13 +772,13 @@ def test_chunked_elementwise_is_bitwise_whole_array():
 
 
 def test_no_fallback_to_coremltools_value_inference(tmp_path):
-    """reverse and relu6 have a value_inference in coremltools, but no kernel here: refused."""
+    """tile and relu6 have a value_inference in coremltools, but no kernel here: refused."""
     @mb.program(input_specs=[mb.TensorSpec((2, 5), dtype=types.fp16)], opset_version=IOS18)
     def program(x):
-        return mb.relu6(x=mb.reverse(x=x, axes=[1]), name="y")
+        return mb.relu6(x=mb.tile(x=x, reps=[1, 2]), name="y")
 
-    assert "reverse" not in KERNELS and "relu6" not in KERNELS
-    with pytest.raises(NotImplementedError, match=r"fallback\.mlpackage.*'reverse'.*no evaluator kernel") as info:
+    assert "tile" not in KERNELS and "relu6" not in KERNELS
+    with pytest.raises(NotImplementedError, match=r"fallback\.mlpackage.*'tile'.*no evaluator kernel") as info:
         PackageEvaluator(save_program(program, tmp_path / "fallback.mlpackage"))
     assert "\n" not in str(info.value)
 

@@ -11,6 +11,7 @@ from conftest import DoitWorkspace, make_checkpoint
 
 PACKAGES = ["io_model", "shard:left", "shard:mid", "shard:right", "sampler_model"]
 SEQ_A, SEQ_B = 32, 48
+PREFILL_A, PREFILL_B = 8, 16
 # A restore hard-links files out of cache/: far below a rebuild even on a busy machine.
 RESTORE_SECONDS_LIMIT = 20.0
 
@@ -39,18 +40,41 @@ def test_noop_build_rebuilds_nothing_and_reads_no_weights(workspace):
 
 
 def test_seq_len_change_rebuilds_shards_only_and_flip_back_is_a_restore(workspace):
-    workspace.doit("build", SEQ_LEN=SEQ_A)
+    # PREFILL_LEN given: its default (64) is fitted to a SEQ_LEN below it, which would key
+    # the io_model on these small SEQ_LENs too (docs/prefill.md).
+    workspace.doit("build", SEQ_LEN=SEQ_A, PREFILL_LEN=PREFILL_A)
     first = {name: tree_digest(workspace.out_dir / f"{name}.mlpackage")
              for name in ("decoder_shard_left", "decoder_shard_mid", "decoder_shard_right")}
-    workspace.doit("build", SEQ_LEN=SEQ_B)
+    workspace.doit("build", SEQ_LEN=SEQ_B, PREFILL_LEN=PREFILL_A)
     assert statuses(workspace) == {"io_model": "up to date", "shard:left": "rebuilt", "shard:mid": "rebuilt",
                                    "shard:right": "rebuilt", "sampler_model": "up to date"}
     assert workspace.status("slanc") == "up to date"
     started = time.perf_counter()
-    workspace.doit("build", SEQ_LEN=SEQ_A)
+    workspace.doit("build", SEQ_LEN=SEQ_A, PREFILL_LEN=PREFILL_A)
     elapsed = time.perf_counter() - started
     assert statuses(workspace, ["shard:left", "shard:mid", "shard:right"]) == dict.fromkeys(
         ["shard:left", "shard:mid", "shard:right"], "restored")
+    assert elapsed < RESTORE_SECONDS_LIMIT
+    for name, digest in first.items():
+        assert tree_digest(workspace.out_dir / f"{name}.mlpackage") == digest, name
+
+
+def test_prefill_len_change_rebuilds_shards_and_io_model_only_and_flip_back_is_a_restore(workspace):
+    packages = ("io_model", "decoder_shard_left", "decoder_shard_mid", "decoder_shard_right")
+    workspace.doit("build", PREFILL_LEN=PREFILL_A)
+    first = {name: tree_digest(workspace.out_dir / f"{name}.mlpackage") for name in packages}
+    workspace.doit("build", PREFILL_LEN=PREFILL_B)
+    assert statuses(workspace) == {"io_model": "rebuilt", "shard:left": "rebuilt", "shard:mid": "rebuilt",
+                                   "shard:right": "rebuilt", "sampler_model": "up to date"}
+    assert workspace.status("slanc") == "up to date"
+    workspace.doit("build", PREFILL_LEN="0")  # decode only: rebuilt, a third stack
+    assert workspace.status("io_model") == "rebuilt"
+    started = time.perf_counter()
+    workspace.doit("build", PREFILL_LEN=PREFILL_A)
+    elapsed = time.perf_counter() - started
+    assert statuses(workspace, ["io_model", "shard:left", "shard:mid", "shard:right"]) == dict.fromkeys(
+        ["io_model", "shard:left", "shard:mid", "shard:right"], "restored")
+    assert workspace.status("sampler_model") == "up to date"
     assert elapsed < RESTORE_SECONDS_LIMIT
     for name, digest in first.items():
         assert tree_digest(workspace.out_dir / f"{name}.mlpackage") == digest, name

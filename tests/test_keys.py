@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from qwen3build.build import keys
 from qwen3build.build.keys import code_digest, module_closure, module_digest

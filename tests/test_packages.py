@@ -49,6 +49,22 @@ def test_each_shard_reads_its_state_once_and_writes_one_row_per_write(built_stac
         assert "stack" not in types and "gather" not in types, shard
 
 
+def test_prefill_reads_its_state_once_and_writes_one_block_per_layer_and_kind(built_stack):
+    """A shard's prefill (the default PREFILL_LEN, fitted to SEQ_LEN 32): one read; per layer
+    one slice_update of the K block and one of the V block, each followed by a state update;
+    projections are matmuls on the decode's weight constants, no linear, gather or table."""
+    info = stack_info(built_stack)
+    assert info["prefill_len"] == info["seq_len"] == 32
+    for shard in info["shards"]:
+        layers = shard["last"] - shard["first"] + 1
+        types = op_types(built_stack.out_dir / shard["package"], "prefill")
+        assert types.count("read_state") == 1, shard
+        assert types.count("slice_update") == types.count("coreml_update_state") == 2 * layers, shard
+        assert types.count("reverse") == 2 * layers, shard               # K and V rows, newest first
+        assert "linear" not in types and "gather" not in types and "stack" not in types, shard
+        assert types.count("rsqrt") == 4 * layers + (1 if shard["role"] in ("exit", "entry+exit") else 0), shard
+
+
 def build_shards(tmp_path, config_path, seq_len, kv_write, palettize=False, shards="preset"):
     """Every shard of a layout, lowered and saved in-process: {spec: package path}."""
     config = load_model_config(config_path)
@@ -102,6 +118,8 @@ def test_io_model_has_embed_and_lm_head(built_stack):
     package = built_stack.out_dir / "io_model.mlpackage"
     assert "gather" in op_types(package, "embed")
     assert "linear" in op_types(package, "lm_head")
+    assert "gather" in op_types(package, "embed_prefill")
+    assert "matmul" in op_types(package, "lm_head_prefill")
 
 
 @pytest.mark.parametrize("kv_write", KV_WRITE_MODES)

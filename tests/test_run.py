@@ -222,9 +222,52 @@ def test_console_script_streams_text_and_reports_stats(models_dir, tokenizer_pat
     assert f"prefill {len(prompt_ids)}/{len(prompt_ids)} tokens" in err
     assert "stats: backend=evaluator" in err and f"prompt_tokens={len(prompt_ids)}" in err
     assert "generated_tokens=6" in err and "stop=max_new_tokens" in err
-    for field in ("time_to_first_token=", "prefill=", "decode="):
+    for field in ("time_to_first_token=", "prefill=", "decode=", "stats: prompt read in 1 prefill call(s)"):
         assert field in err, err
     assert err.count("tokens/s") == 2
+
+
+@pytest.mark.parametrize("backend", ["evaluator", "torch"])
+def test_prompt_file_and_no_prefill_give_the_same_text(models_dir, tokenizer_path, tmp_path, logs, capsys, backend):
+    """--prompt-file reads the prompt; --no-prefill reads it one token per call (decode) and
+    must write the same text; --stats says how the prompt was read."""
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(PROMPT * 3)
+    prefill_len = load_stack(models_dir).prefill_len
+    assert prefill_len > 0
+    texts = {}
+    for flags in ([], ["--no-prefill"]):
+        logs.clear()
+        assert run_cli("--models-dir", str(models_dir), "--tokenizer", str(tokenizer_path), "--prompt-file",
+                       str(prompt_file), "--max-new-tokens", "5", "--backend", backend, "--stats", *flags) == 0
+        texts[bool(flags)] = capsys.readouterr().out
+        calls = next(m for m in logs if m.startswith("stats: prompt read in"))
+        started = next(m for m in logs if m.startswith("backend:"))
+        if flags:
+            assert calls.startswith("stats: prompt read in 0 prefill call(s)") and "one token per call" in started
+        else:
+            assert f"of {prefill_len} tokens and 0 decode call(s)" in calls and "prefill blocks of" in started
+    assert texts[True] == texts[False] and texts[True].strip()
+    ids = text.TextCodec(tokenizer_path).encode_prompt(PROMPT * 3)
+    assert generation.prompt_schedule(len(ids), prefill_len, 32)[0].kind == generation.PREFILL
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p, "does not exist"),
+    (lambda p: (p.write_text(""), p)[1], "is empty"),
+    (lambda p: (p.write_bytes(b"\xff\xfe\xfa"), p)[1], "cannot read as UTF-8"),
+    (lambda p: (p.mkdir(), p)[1], "is a directory"),
+])
+def test_bad_prompt_file_is_a_one_line_error(models_dir, tokenizer_path, tmp_path, capsys, make, words):
+    path = make(tmp_path / "prompt.txt")
+    assert run_cli("--models-dir", str(models_dir), "--tokenizer", str(tokenizer_path), "--prompt-file", str(path),
+                   "--backend", "torch") == 2
+    assert words in error_line(capsys)
+
+
+def test_prompt_and_prompt_file_together_are_refused(models_dir, tmp_path, capsys):
+    assert run_cli("--models-dir", str(models_dir), "--prompt", "x", "--prompt-file", str(tmp_path / "p")) == 2
+    assert "not allowed with argument" in error_line(capsys)
 
 
 # ------------------------------------------------------------------ user errors: one line, exit 2

@@ -235,6 +235,13 @@ def test_ladder_passes_on_an_honest_build(unusual_builds, unusual_report, kv_wri
         assert set(rung["perplexity"]) == {"12", "24", "48"}
     assert report["rungs"]["packages"]["sampler"].startswith("sampler_model")
     assert report["rungs"]["reference"]["teacher_forced"]["mean_kl"] < 1e-6  # fp32 graph on fp16 constants
+    # Both rungs read through the prefill graph (the default PREFILL_LEN 64, fitted to SEQ_LEN
+    # 48), and prefill-then-decode agreed with decode alone on the packages.
+    assert {rung["prefill_len"] for rung in report["rungs"].values()} == {48}
+    parity = report["prefill_parity"]
+    assert parity["prompts"] and not parity["failures"]
+    assert all(p["length"] % 48 and p["continuation"]["verdict"] != "hard" for p in parity["prompts"])
+    assert "prefill parity (PREFILL_LEN 48" in format_report(report)
 
 
 def test_report_on_disk_and_table(unusual_stack, unusual_report):
@@ -289,6 +296,9 @@ def test_cli_exit_codes_and_one_line_errors(unusual_stack, tmp_path, capsys):
     assert "layout a:0-0,b:1-1,c:2-2,d:3-3" in err and "\n" not in err
     assert verify_main(args + small + ["SEQ_LEN=40"]) == 2
     assert "SEQ_LEN=48" in capsys.readouterr().err
+    assert verify_main(args + small + ["PREFILL_LEN=8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "built with PREFILL_LEN=48, but PREFILL_LEN=8 now" in err and "\n" not in err
     assert verify_main(args + ["TEXT=/nonexistent/notes.txt"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert verify_main(args + ["FOO=1"]) == 2

@@ -8,8 +8,15 @@ qwen3build.lower.save) with one piece patched:
 - a KV write off by one, in each KV_WRITE mode: every position's K/V row lands one ring
   slot over (slot S-2-p, the row the mask does not expect). slice: the graph's ring slot
   is shifted (graph.decoder.step_rows); blend: the one-hot write ramp is rolled by one
-  (graph.tables.write_ramp), as the seed's test rolled its write table.
-The gate runs with the real [verify.fp16] thresholds from qwen3build.toml.
+  (graph.tables.write_ramp), as the seed's test rolled its write table. Only `decode`
+  writes that way; prompts and teacher-forced runs go through the honest `prefill`, so
+  the prefill parity check (decode alone against prefill) is what catches it;
+- a poisoned prefill: each block writes one K row twice, the block's first position's
+  row again at the ring slot of the position after it (graph.decoder.decoder_block's
+  SliceWrite), so that position's key is lost. `decode` is honest: the parity check and
+  the teacher-forced figures (read through prefill) both catch it.
+The gate runs with the real [verify.fp16] thresholds from qwen3build.toml; the parity
+check with its named constants (qwen3build.verify.parity).
 """
 import dataclasses
 import json
@@ -25,7 +32,9 @@ from qwen3build.verify.__main__ import main as verify_main
 from test_verify import build_stack, peaked_checkpoint, settings_for
 
 SEQ_LEN = 64
-OPTIONS = dict(windows=(16, 32, "SEQ_LEN"), max_windows=3, rollouts=2, prompt_tokens=8, rollout_tokens=8)
+# 12 windows per size: read through prefill they cost little, and the perplexity drift of
+# this peaked random model (PPL ~1e9) is noise on fewer (3 windows: 0.35-0.51%, honest).
+OPTIONS = dict(windows=(16, 32, "SEQ_LEN"), max_windows=12, rollouts=2, prompt_tokens=8, rollout_tokens=8)
 SWAPPED = (0, 1)  # both in the entry shard of the 4-layer preset layout (left:0-1)
 # The shifted slice write of the last position (slot -1) is outside the ring and refused:
 # the package rung of the off-by-one builds stops one position short of SEQ_LEN.
@@ -83,7 +92,8 @@ def broken_copy(honest, tmp_path, shards):
     config = plan.config
     for spec, tensors in shards:
         weights = PackedWeights.dense(tensors, config.tie_word_embeddings)
-        program = programs.shard_program(tensors, weights, config, spec, scales, SEQ_LEN, False, kv_write=kv_write)
+        program = programs.shard_program(tensors, weights, config, spec, scales, SEQ_LEN, False, kv_write=kv_write,
+                                         prefill_len=plan.settings.PREFILL_LEN)
         save.save_package(save.convert(program), plan.tree.package_path(spec.package_name))
     stack_path = plan.tree.out_dir / "stack.json"
     stack = json.loads(stack_path.read_text())
@@ -120,16 +130,57 @@ def kv_write_off_by_one(plan, monkeypatch):
     return [(spec, plan.checkpoint) for spec in plan.layout]
 
 
+def poison_one_prefill_row(plan, monkeypatch):
+    """Every prefill block also writes its first position's K row at the slot of the next
+    position (S-p-2), in every layer: one row at the wrong slot. decode is untouched
+    (KV_WRITERS keeps the honest SliceWrite); the block write is the patched module global."""
+    from qwen3build.graph import decoder
+    honest_rows, honest_write = decoder.block_rows, decoder.SliceWrite
+
+    def rows_with_wrong_slot(ops, table_vars, position, seq_len, head_dim, tokens):
+        rows = honest_rows(ops, table_vars, position, seq_len, head_dim, tokens)
+        rows.wrong_slot = ops.index_rsub(seq_len - 2, position)  # the slot of position p+1
+        return rows
+
+    class PoisonedBlockWrite(honest_write):
+        def __init__(self, ops, state, rows):
+            super().__init__(ops, state, rows)
+            self.wrong_slot = rows.wrong_slot
+
+        def layer(self, local, key_rows, value_rows):
+            super().layer(local, key_rows, value_rows)
+            oldest = self.ops.slice_axis(key_rows, 1, self.count - 1, self.count)  # position p's K row (KVH, 1, D)
+            self.kv = self.ops.write_state_row(self.state, self.kv, 2 * local, self.wrong_slot, oldest)
+            return self.ops.index_first(self.kv, 2 * local), self.ops.index_first(self.kv, 2 * local + 1)
+
+    monkeypatch.setattr(decoder, "block_rows", rows_with_wrong_slot)
+    monkeypatch.setattr(decoder, "SliceWrite", PoisonedBlockWrite)
+    return [(spec, plan.checkpoint) for spec in plan.layout]
+
+
 @pytest.mark.parametrize("kv_write", ["slice", "blend"])
 def test_honest_build_passes(honest_builds, tmp_path, kv_write):
     report = run_verify(honest_builds(kv_write), None, tmp_path / "honest.json", OPTIONS)
     assert report["passed"], format_report(report)
     assert report["rungs"]["packages"]["teacher_forced"]["qualified"] >= 100
+    assert report["rungs"]["packages"]["prefill_len"] == SEQ_LEN  # the default 64, fitted to SEQ_LEN
+    parity = report["prefill_parity"]
+    assert parity["prompts"] and not parity["failures"]
+    assert all(p["length"] % SEQ_LEN for p in parity["prompts"])
+
+
+# What each breakage must fail: the teacher-forced gate where prefill is broken too, the
+# prefill parity check where only decode is.
+EXPECTED_FAILURE = {"swap_two_layers": "packages: teacher-forced top-1 agreement",
+                    "drop_final_norm": "packages: teacher-forced top-1 agreement",
+                    "kv_write_off_by_one": "prefill parity:",
+                    "poisoned_prefill": "prefill parity:"}
 
 
 @pytest.mark.parametrize("kv_write, breakage", [
     ("slice", "swap_two_layers"), ("slice", "drop_final_norm"),
     ("slice", "kv_write_off_by_one"), ("blend", "kv_write_off_by_one"),
+    ("slice", "poisoned_prefill"),
 ])
 def test_broken_build_fails_the_gate(honest_builds, tmp_path, monkeypatch, kv_write, breakage):
     honest = honest_builds(kv_write)
@@ -137,6 +188,8 @@ def test_broken_build_fails_the_gate(honest_builds, tmp_path, monkeypatch, kv_wr
     def shards(plan):
         if breakage == "kv_write_off_by_one":
             return kv_write_off_by_one(plan, monkeypatch)
+        if breakage == "poisoned_prefill":
+            return poison_one_prefill_row(plan, monkeypatch)
         return {"swap_two_layers": swap_two_layers, "drop_final_norm": drop_final_norm}[breakage](plan)
 
     plan = broken_copy(honest, tmp_path, shards(honest))
@@ -146,9 +199,12 @@ def test_broken_build_fails_the_gate(honest_builds, tmp_path, monkeypatch, kv_wr
         options["package_positions"] = OFF_BY_ONE_POSITIONS
     report = run_verify(plan, None, tmp_path / "broken.json", options)
     assert not report["passed"], f"{breakage} passed the gate:\n{format_report(report)}"
-    assert any(f.startswith("packages: teacher-forced top-1 agreement") for f in report["failures"]), report["failures"]
+    expected = EXPECTED_FAILURE[breakage]
+    assert any(f.startswith(expected) for f in report["failures"]), report["failures"]
     assert all("\n" not in f for f in report["failures"])
     assert "FAILED" in format_report(report)
+    if breakage == "poisoned_prefill":  # prefill is what the teacher-forced runs read, so they see it too
+        assert any(f.startswith("packages: teacher-forced") for f in report["failures"]), report["failures"]
 
 
 def test_cli_exits_non_zero_on_a_broken_build(honest_builds, tmp_path, capsys):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 MB = 1e6
 COLUMNS = (("package", "<"), ("role", "<"), ("layers", "<"), ("MB", ">"), ("states", ">"), ("flags", ">"),
-           ("MB/token", ">"), ("min MB/token", ">"), ("ratio", ">"))
+           ("MB/token", ">"), ("min MB/token", ">"), ("ratio", ">"), ("prefill MB/prompt token", ">"))
 
 
 def _mb(value: float) -> str:
@@ -31,17 +31,21 @@ def _warnings(flags: list) -> str:
     return f"{warn}" + (f" (+{info} info)" if info else "")
 
 
+def _prefill(entry) -> str:
+    return _mb(entry["bytes_per_prompt_token"]) if entry and entry.get("bytes_per_prompt_token") is not None else "-"
+
+
 def table_rows(report: dict) -> list[tuple]:
     rows = []
     for p in report["packages"]:
         rows.append((p["name"], p["role"], _layers(p), _mb(p['package_bytes']), str(len(p["states"])),
                      _warnings(p["flags"]), _mb(p['decode_bytes_per_token']),
-                     _mb(p['minimum_bytes_per_token']), _ratio(p["ratio"])))
+                     _mb(p['minimum_bytes_per_token']), _ratio(p["ratio"]), _prefill(p.get("prefill"))))
     s = report["stack"]
     rows.append(("stack", "", "", _mb(s['package_bytes']),
                  str(sum(len(p["states"]) for p in report["packages"])), _warnings(report["flags"]),
                  _mb(s['decode_bytes_per_token']), _mb(s['minimum_bytes_per_token']),
-                 _ratio(s["ratio"])))
+                 _ratio(s["ratio"]), _prefill(s.get("prefill"))))
     return rows
 
 
@@ -68,6 +72,14 @@ def format_report(report: dict) -> str:
              f"minimum MB/token: weights as stored {_mb(s['weights_stored_bytes'])} + state "
              f"{_mb(s['state_bytes'])} + new rows {_mb(s['rows_bytes'])}"
              f" (traffic model: docs/audit.md)"]
+    prefill = s.get("prefill") or {}
+    if prefill.get("prefill_len"):
+        lines.append(f"per prompt token (prefill blocks of {prefill['prefill_len']}): "
+                     f"{prefill['dispatches_per_prompt_token']:.4g} dispatches ({', '.join(prefill['chain'])} per block), "
+                     f"modeled {_mb(prefill['bytes_per_prompt_token'])} MB; plus one "
+                     f"{prefill['per_prompt']['function']} call per prompt")
+    else:
+        lines.append("prefill: none (PREFILL_LEN=0: prompts take one decode dispatch chain per token)")
     updates = sorted({(p["name"], p["state_update"]) for p in report["packages"] if p["states"]})
     if updates:
         lines.append("state updates: " + ", ".join(f"{name} {how}" for name, how in updates))

@@ -7,7 +7,9 @@
 
 Per package: role, layers, bytes, states, op histogram, functions, traffic per decode
 token (traffic.py), the minimum, their ratio, dispatches and the rule flags (rules.py);
-then the same figures for the whole stack. On macOS, Core ML's compute plan adds each
+then the same figures for the whole stack. With a prefill function (PREFILL_LEN > 0):
+the modeled bytes one prefill call moves, per prompt token (/ PREFILL_LEN), and the
+dispatches per prompt token, per package and for the stack. On macOS, Core ML's compute plan adds each
 package's share of compute ops on the Neural Engine, gated by ANE_MIN_RESIDENCY.
 
 The report is keyed: its key covers the packages it read (their content keys in
@@ -38,6 +40,10 @@ REPORT_FORMAT = 1
 AUDIT_CODE = ("qwen3build.audit.run",)
 AUDIT_TOOLS = ("coremltools", "numpy", "protobuf")
 IO_DECODE_FUNCTIONS = ("embed", "lm_head")   # the io_model functions one token calls
+# The function one prefill block calls in each kind of package (docs/prefill.md): a block
+# runs embed_prefill and every shard's prefill; the prompt's last position then takes one
+# lm_head call (once per prompt, not per token).
+IO_PREFILL_FUNCTION, SHARD_PREFILL_FUNCTION = "embed_prefill", "prefill"
 IO_ROLE, SAMPLER_ROLE = "io", "sampler"
 
 
@@ -78,20 +84,28 @@ def _ratio(modeled: float, minimum: float) -> float | None:
     return round(modeled / minimum, 4) if minimum else None
 
 
+def prefill_figures(traffic: Traffic, function: str, tokens: int, dispatches: int = 1) -> dict:
+    """What one prefill call (`tokens` positions) moves, and per prompt token."""
+    return {"function": function, "tokens_per_call": tokens, "traffic": traffic.to_dict(),
+            "bytes_per_call": round(traffic.total), "bytes_per_prompt_token": round(traffic.total / tokens),
+            "dispatches_per_call": dispatches, "dispatches_per_prompt_token": round(dispatches / tokens, 6)}
+
+
 def audit_package(path: str | Path, role: str = "shard", compute_units: str = "CPU_AND_NE",
                   functions=None, layers: tuple[int, int] | None = None, seq_len: int | None = None,
-                  name: str | None = None) -> dict:
+                  name: str | None = None, prefill: str | None = None, prefill_len: int = 0) -> dict:
     """Audit one saved package. `functions`: the functions one decode token calls (default:
     the package's default function, what a runtime calls when it names none); `layers`:
     (first, last) for a shard; `seq_len` names the sequence axis of its states and the
-    S x S rule's S."""
+    S x S rule's S; `prefill`: the function a prefill block calls (prefill_len tokens per
+    call), audited beside the decode functions (its traffic per prompt token, and flags)."""
     path = Path(path)
     try:
         package = read_package(path)
     except (OSError, ValueError) as exc:
         raise BuildError(f"cannot audit {path}: {exc}") from None
     decode = list(functions) if functions is not None else [package.default_function]
-    missing = [f for f in decode if f not in package.functions]
+    missing = [f for f in decode + ([prefill] if prefill else []) if f not in package.functions]
     if missing:
         raise BuildError(f"{path} has no function {', '.join(missing)} (it has "
                          f"{', '.join(sorted(package.functions))}); rebuild the stack with `doit build`")
@@ -99,13 +113,17 @@ def audit_package(path: str | Path, role: str = "shard", compute_units: str = "C
     total = Traffic()
     for item in traffic.values():
         total.add(item)
+    audited = dict(traffic)
+    if prefill:
+        audited[prefill] = function_traffic(package.functions[prefill])
     histogram = Counter()
     for f in decode:
         histogram.update(package.functions[f].histogram())
     states = _states(package, decode)
     minimum = minimum_bytes(package, decode, seq_len)
     layer_count = None if layers is None else layers[1] - layers[0] + 1
-    subject = Subject(name or path.name, package, role, compute_units, decode, traffic, layer_count, seq_len)
+    # The rules look at every function a deployment calls: decode's and prefill's.
+    subject = Subject(name or path.name, package, role, compute_units, list(audited), audited, layer_count, seq_len)
     return {
         "name": subject.name,
         "role": role,
@@ -115,9 +133,10 @@ def audit_package(path: str | Path, role: str = "shard", compute_units: str = "C
         "weights_file_bytes": package.weights_file_bytes,
         "weights_stored_bytes": minimum["weights"],
         "functions": [{"name": f, "default": f == package.default_function, "decode": f in decode,
+                       "prefill": f == prefill,
                        "ops": sum(n for op, n in package.functions[f].histogram().items() if op != "const"),
                        "consts": package.functions[f].histogram().get("const", 0),
-                       **({"traffic": traffic[f].to_dict()} if f in traffic else {})}
+                       **({"traffic": audited[f].to_dict()} if f in audited else {})}
                       for f in sorted(package.functions)],
         "states": [{"name": n, "shape": list(t.shape), "dtype": t.short_dtype, "bytes": t.nbytes}
                    for n, t in sorted(states.items())],
@@ -130,6 +149,7 @@ def audit_package(path: str | Path, role: str = "shard", compute_units: str = "C
         "minimum_bytes_per_token": minimum["total"],
         "ratio": _ratio(total.total, minimum["total"]),
         "dispatches_per_token": len(decode),
+        "prefill": prefill_figures(audited[prefill], prefill, prefill_len) if prefill else None,
         "flags": check(subject),
     }
 
@@ -141,11 +161,14 @@ def decode_chain(stack: Stack) -> list[dict]:
     lm_head, sampler (runtime/backends.py PackageBackend.forward and .choose)."""
     io_name = stack.info["io_model"]
     units = stack.info.get("compute_units", {})
+    prefilling = stack.prefill_len > 0
     packages = [{"path": stack.io_model, "role": IO_ROLE, "functions": list(IO_DECODE_FUNCTIONS),
+                 "prefill": IO_PREFILL_FUNCTION if prefilling else None,
                  "compute_units": units.get(io_name, COMPUTE_UNITS["io_model"])}]
     for shard in stack.shards:
         packages.append({"path": stack.package(shard["package"]), "role": shard["role"], "functions": None,
                          "layers": (shard["first"], shard["last"]),
+                         "prefill": SHARD_PREFILL_FUNCTION if prefilling else None,
                          "compute_units": units.get(shard["package"], COMPUTE_UNITS["shard"])})
     packages.append({"path": stack.sampler, "role": SAMPLER_ROLE, "functions": None,
                      "compute_units": units.get(stack.info["sampler"], COMPUTE_UNITS["sampler"])})
@@ -161,7 +184,8 @@ def audit_stack(stack: Stack) -> dict:
     packages = []
     for item in decode_chain(stack):
         packages.append(audit_package(item["path"], item["role"], item["compute_units"], item["functions"],
-                                      item.get("layers"), stack.seq_len))
+                                      item.get("layers"), stack.seq_len, prefill=item.get("prefill"),
+                                      prefill_len=stack.prefill_len))
     traffic = {k: sum(p["traffic"][k] for p in packages) for k in packages[0]["traffic"]}
     modeled, minimum = _sum(packages, "decode_bytes_per_token"), _sum(packages, "minimum_bytes_per_token")
     flags = [flag for p in packages for flag in p["flags"]]
@@ -185,10 +209,36 @@ def audit_stack(stack: Stack) -> dict:
             "decode_chain": chain,
             "flags": len(flags),
             "flags_by_rule": dict(sorted(Counter(f["rule"] for f in flags).items())),
+            "prefill": stack_prefill(packages, stack.prefill_len),
         },
         "packages": packages,
         "flags": flags,
         "rules": [rule.to_dict() for rule in RULES],
+    }
+
+
+def stack_prefill(packages: list[dict], prefill_len: int) -> dict:
+    """A prefill block through the stack: embed_prefill and every shard's prefill, one
+    dispatch each per PREFILL_LEN prompt tokens; the prompt's last position adds one
+    lm_head call per prompt (`per_prompt`), not per token."""
+    if not prefill_len:
+        return {"prefill_len": 0}
+    calling = [p for p in packages if p["prefill"]]
+    per_call = sum(p["prefill"]["bytes_per_call"] for p in calling)
+    io = packages[0]
+    head = next((f for f in io["functions"] if f["name"] == IO_DECODE_FUNCTIONS[1]), None)
+    traffic = {k: round(sum(p["prefill"]["traffic"][k] for p in calling) / prefill_len)
+               for k in calling[0]["prefill"]["traffic"]}
+    return {
+        "prefill_len": prefill_len,
+        "chain": [f"{p['name']}:{p['prefill']['function']}" for p in calling],
+        "bytes_per_call": per_call,
+        "bytes_per_prompt_token": round(per_call / prefill_len),
+        "dispatches_per_call": len(calling),
+        "dispatches_per_prompt_token": round(len(calling) / prefill_len, 6),
+        "traffic_per_prompt_token": traffic,
+        "per_prompt": {"function": f"{io['name']}:{IO_DECODE_FUNCTIONS[1]}", "dispatches": 1,
+                       "bytes": head["traffic"]["total"] if head and "traffic" in head else None},
     }
 
 

@@ -192,6 +192,7 @@ class Builder:
     # ------------------------------------------------------------ the stack
     def stack_description(self) -> dict:
         """stack.json without its "files" (which come from the cache entries)."""
+        from ..graph.decoder import io_functions, shard_functions  # numpy: not on the no-op path
         plan = self.plan
         settings = plan.settings
         tokenizer = settings.CONFIG.with_name("tokenizer.json")
@@ -206,12 +207,18 @@ class Builder:
                              "embed_block_size": plan.recipe.embed_block_size},
             "palettize_masks": settings.PALETTIZE_MASKS,
             "kv_write": settings.KV_WRITE,
+            "prefill_len": settings.PREFILL_LEN,
             "io_model": f"{IO_MODEL}.mlpackage",
             "sampler": f"{SAMPLER}.mlpackage",
             "shards": [{"name": s.name, "package": f"{s.package_name}.mlpackage", "first": s.first,
                         "last": s.last, "role": s.role} for s in plan.layout],
             "compute_units": {f"{IO_MODEL}.mlpackage": "CPU_AND_GPU", f"{SAMPLER}.mlpackage": "CPU_AND_GPU",
                               **{f"{s.package_name}.mlpackage": "CPU_AND_NE" for s in plan.layout}},
+            # Each package's functions, its default first (docs/prefill.md).
+            "functions": {f"{IO_MODEL}.mlpackage": list(io_functions(settings.PREFILL_LEN)),
+                          **{f"{s.package_name}.mlpackage": list(shard_functions(settings.PREFILL_LEN))
+                             for s in plan.layout},
+                          f"{SAMPLER}.mlpackage": ["main"]},
             # The build's inputs, for the torch backend and verify (absolute: this machine's).
             "checkpoint_config": str(settings.CONFIG),
             "weights": {"files": [str(f) for f in plan.weight_files],

@@ -8,6 +8,7 @@ files and upstream outputs (with their content digests). Its key is the digest o
 
 Which settings key which artifacts (docs/build.md has the table):
 - SEQ_LEN, PALETTIZE_MASKS, KV_WRITE, SHARDS (a shard's own range and role): shards only.
+- PREFILL_LEN: the shards and io_model (each holds a `prefill` function of that length).
 - RECIPE: through the bits it resolves to: a layer's packs and the shards holding
   that layer; embed_bits: quant:embed and io_model. The recipe's name keys nothing.
 - CONFIG / weights: through the tensors each artifact reads and its model-config slice.
@@ -144,11 +145,12 @@ class Declarations:
                     for layer in plan.quantized_layers(spec.layers)}
         package = spec.package_name
         metadata = {"package": package, "role": spec.role, "layers": f"{spec.first}-{spec.last}",
-                    "seq_len": settings.SEQ_LEN, "compute_units": COMPUTE_UNITS["shard"],
+                    "seq_len": settings.SEQ_LEN, "prefill_len": settings.PREFILL_LEN,
+                    "compute_units": COMPUTE_UNITS["shard"],
                     "quantization": _bits_summary(bits)}
         values = {"model": plan.config.subset(SHARD_FIELDS), "shard": dataclasses.asdict(spec),
                   "SEQ_LEN": settings.SEQ_LEN, "PALETTIZE_MASKS": settings.PALETTIZE_MASKS,
-                  "KV_WRITE": settings.KV_WRITE,
+                  "KV_WRITE": settings.KV_WRITE, "PREFILL_LEN": settings.PREFILL_LEN,
                   "scales": rows, "bits": bits, "group_sizes": group_sizes,
                   "metadata": {k: str(v) for k, v in metadata.items()}}
         return self._make(f"shard:{name}", "shard", "shard", [f"{package}.mlpackage", f"{package}.mil"],
@@ -165,8 +167,8 @@ class Declarations:
             tensors, upstream = ["model.embed_tokens.weight"] + ([] if tied else ["lm_head.weight"]), {}
             quantization = "fp16"
         metadata = {"package": IO_MODEL, "compute_units": COMPUTE_UNITS["io_model"], "tied": tied,
-                    "quantization": quantization}
-        values = {"model": config.subset(IO_FIELDS),
+                    "quantization": quantization, "prefill_len": plan.settings.PREFILL_LEN}
+        values = {"model": config.subset(IO_FIELDS), "PREFILL_LEN": plan.settings.PREFILL_LEN,
                   "metadata": {k: str(v) for k, v in metadata.items()}}
         return self._make(IO_MODEL, "io_model", "io_model", [f"{IO_MODEL}.mlpackage", f"{IO_MODEL}.mil"],
                               ["packages", "mil"], values, tensors=tensors, upstream=upstream)

@@ -29,8 +29,11 @@ class OneLineFailureReporter(ConsoleReporter):
     def add_failure(self, task, fail):
         message = fail.get_msg().strip() if isinstance(fail, TaskFailed) else ""
         if message.startswith(PREFIX):
-            self.failures.append({"task": task, "exception": fail})
-            self.write(f"{message.splitlines()[0]}\n")
+            # Parallel workers can fail at once for one cause (a full disk): the first
+            # line names it; the build stops there, so later ones add nothing new.
+            if not any(f.get("one_line") for f in self.failures):
+                self.write(f"{message.splitlines()[0]}\n")
+            self.failures.append({"task": task, "exception": fail, "one_line": True})
             return
         super().add_failure(task, fail)
 

@@ -23,7 +23,7 @@ from ..settings.layout import ShardSpec, parse_layout
 from ..settings.limits import ANE_MAX_LAYERS_PER_SHARD
 from ..settings.model_config import PROJECTIONS, ModelConfig, load_model_config
 from ..settings.recipes import Recipe, load_recipe
-from ..settings.settings import Settings, load_settings, parse_seq_len
+from ..settings.settings import Settings, load_settings, parse_prefill_len, parse_seq_len
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,9 @@ def _fit_seq_len(settings: Settings, config: ModelConfig, notes: list) -> Settin
                          f"choose SEQ_LEN <= {limit}")
     notes.append((logging.INFO, f"SEQ_LEN: the default {settings.SEQ_LEN} exceeds the model's "
                   f"max_position_embeddings={limit}; using SEQ_LEN={limit} (set SEQ_LEN to choose)"))
-    return dataclasses.replace(settings, SEQ_LEN=parse_seq_len(limit))
+    seq_len = parse_seq_len(limit)
+    prefill_len = parse_prefill_len(settings.PREFILL_LEN, seq_len, "PREFILL_LEN" in settings.given)
+    return dataclasses.replace(settings, SEQ_LEN=seq_len, PREFILL_LEN=prefill_len)
 
 
 def _check_recipe_fits(plan: Plan, notes: list) -> None:

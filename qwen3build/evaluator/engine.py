@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .loader import Interface, LoadedFunction, load_function
+from .loader import Interface, LoadedFunction, load_functions
 from .ops import (
     CHUNKED_ELEMENTWISE_MIN_ELEMENTS,
     ENGINE_OP_TYPES,
@@ -230,11 +230,38 @@ class _BufferPlan:
         return True
 
 
+class ConstantPool:
+    """Constants decoded for one package, shared by the evaluators of its functions.
+
+    Keyed by loader.constant_keys: a weight that decode and prefill (or embed and lm_head)
+    store once is decoded once, and its fp32 copy for arithmetic made once, whichever
+    function asks first. (The device maps the blob once too.)"""
+
+    def __init__(self):
+        self.values: dict = {}    # key -> value in the declared dtype
+        self.widened: dict = {}   # key -> fp32 copy
+
+    def value(self, key, make: Callable[[], Any]) -> Any:
+        if key is None:
+            return make()
+        if key not in self.values:
+            self.values[key] = make()
+        return self.values[key]
+
+    def widen(self, key, value: np.ndarray) -> np.ndarray:
+        if key is None:
+            return widen(value)
+        if key not in self.widened:
+            self.widened[key] = widen(value)
+        return self.widened[key]
+
+
 class _Planner:
     """Turns a loaded MIL function into initial slots and a list of steps."""
 
-    def __init__(self, loaded: LoadedFunction):
+    def __init__(self, loaded: LoadedFunction, pool: ConstantPool | None = None):
         self.loaded = loaded
+        self.pool = pool or ConstantPool()
         self.package = f"{loaded.package_path.name}:{loaded.function_name}"
         self.function = loaded.function
         self.operations = list(self.function.operations)
@@ -252,13 +279,16 @@ class _Planner:
         self.slots.append(value)
         return len(self.slots) - 1
 
+    def _constant_key(self, var):
+        return self.loaded.constant_keys.get(var.name)
+
     def _slot(self, var, widened: bool) -> int:
         key = id(var)
         if key in self.const_values:
             value = self.const_values[key]
             if widened and isinstance(value, np.ndarray) and value.dtype == FLOAT16:
                 if key not in self.widened_slot_of:
-                    self.widened_slot_of[key] = self._new_slot(widen(value))
+                    self.widened_slot_of[key] = self._new_slot(self.pool.widen(self._constant_key(var), value))
                 return self.widened_slot_of[key]
             if key not in self.slot_of:
                 self.slot_of[key] = self._new_slot(value)
@@ -267,11 +297,11 @@ class _Planner:
             raise RuntimeError(f"{self.package}: var {var.name!r} is used before it is computed")
         return self.slot_of[key]
 
-    def _set_const(self, var, value: Any) -> None:
+    def _set_const(self, var, value: Any, key=None) -> None:
         if isinstance(value, str):
             self.const_values[id(var)] = value
             return
-        self.const_values[id(var)] = to_dtype(value, numpy_dtype(var.dtype))
+        self.const_values[id(var)] = self.pool.value(key, lambda: to_dtype(value, numpy_dtype(var.dtype)))
 
     def const_value(self, var) -> Any:
         return self.const_values.get(id(var))
@@ -287,7 +317,7 @@ class _Planner:
         with np.errstate(all="ignore"):
             for position, op in enumerate(self.operations):
                 if op.op_type == "const":
-                    self._set_const(op.outputs[0], op.outputs[0].val)
+                    self._set_const(op.outputs[0], op.outputs[0].val, self._constant_key(op.outputs[0]))
                 elif op.op_type.startswith("constexpr_"):
                     self._materialize_constexpr(op)
                 elif op.op_type == "read_state":
@@ -314,10 +344,15 @@ class _Planner:
             if value is None:
                 raise NotImplementedError(f"{self.package}: {op.op_type} {op.name!r} has a non-constant input {name!r}")
             inputs[name] = value
+        keys = [self.loaded.constant_keys.get(out.name) for out in op.outputs]
+        if all(key is not None and key in self.pool.values for key in keys):  # another function decoded it
+            for out, key in zip(op.outputs, keys):
+                self.const_values[id(out)] = self.pool.values[key]
+            return
         out_dtypes = [numpy_dtype(out.dtype) for out in op.outputs]
         values = decompress_constexpr(op.op_type, inputs, out_dtypes, op)
-        for out, value in zip(op.outputs, values):
-            self._set_const(out, value)
+        for out, value, key in zip(op.outputs, values, keys):
+            self._set_const(out, value, key)
             self.constexpr_bytes += self.const_values[id(out)].nbytes
 
     def _add_read_state(self, op, copy: bool) -> None:
@@ -436,11 +471,14 @@ class PackageEvaluator:
         function_name: str | None = None,
         *,
         blas_threads: int | None = DEFAULT_BLAS_THREADS,
+        _loaded: LoadedFunction | None = None,
+        _pool: ConstantPool | None = None,
     ):
-        """blas_threads: OpenBLAS threads during predict (None: leave numpy's setting alone)."""
+        """blas_threads: OpenBLAS threads during predict (None: leave numpy's setting alone).
+        Several functions of one package: PackageEvaluator.functions (one load, shared weights)."""
         started = time.perf_counter()
         self.blas_threads = blas_threads
-        loaded = load_function(package_path, function_name)
+        loaded = _loaded or next(iter(load_functions(package_path, [function_name]).values()))
         self.package_path = loaded.package_path
         self.function_name = loaded.function_name
         self.inputs: Interface = loaded.inputs
@@ -448,7 +486,7 @@ class PackageEvaluator:
         self.states: Interface = loaded.states
         self._label = f"{self.package_path.name}:{self.function_name}"
 
-        planner = _Planner(loaded)
+        planner = _Planner(loaded, _pool)
         planner.build()
         function = loaded.function
         self._input_slots = {name: planner.slot_of[id(var)] for name, var in function.inputs.items() if name in self.inputs}
@@ -477,6 +515,19 @@ class PackageEvaluator:
             time.perf_counter() - started,
         )
         # The MIL program is dropped here: only the slots and steps are kept.
+
+    @classmethod
+    def functions(cls, package_path: str | Path, function_names, *,
+                  blas_threads: int | None = DEFAULT_BLAS_THREADS) -> dict[str, "PackageEvaluator"]:
+        """Evaluators of several functions of one package (None: the default function),
+        keyed by resolved name: the package is read once and every weight the functions
+        share is decoded once (ConstantPool). Functions with a state of the same name take
+        the same state dict (decode and prefill of a shard)."""
+        pool = ConstantPool()
+        loaded = load_functions(package_path, list(function_names))
+        evaluators = {name: cls(package_path, name, blas_threads=blas_threads, _loaded=function, _pool=pool)
+                      for name, function in loaded.items()}
+        return evaluators
 
     def new_state(self) -> dict[str, np.ndarray]:
         """Zero-filled state arrays in their declared shapes and dtypes."""

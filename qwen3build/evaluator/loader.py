@@ -14,6 +14,8 @@ What the milproto loader hands back (worth knowing when reading the engine):
   `coreml_update_state` immediately followed by a `read_state` of the same state is
   merged into the update op (whose output is the written value).
 - Every function of a multi-function package is loaded; vars are looked up per function.
+  `load_functions` loads the program once for several functions and gives each stored
+  constant a key (`constant_keys`), equal across functions that store it once.
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class LoadedFunction:
     inputs: Interface
     outputs: Interface
     states: Interface
+    # var name -> identity of the stored constant it is (const ops and constexpr outputs):
+    # equal across the functions of a package exactly when they read the same stored bytes
+    # (the same blob, or equal immediate values) the same way. Lets the evaluator decode a
+    # weight two functions share once (engine.ConstantPool).
+    constant_keys: dict = dataclasses.field(default_factory=dict)
 
 
 def _feature_interface(features, package_path: Path, kind: str) -> Interface:
@@ -171,41 +178,84 @@ def read_interface(package_path: str | os.PathLike, function_name: str | None = 
     return _interface(_read_spec(package_path), package_path, function_name)
 
 
-def load_function(package_path: str | os.PathLike, function_name: str | None = None) -> LoadedFunction:
-    """Read `package_path` (.mlpackage) from disk and load one function into MIL."""
+def constant_keys(spec, function_name: str) -> dict:
+    """var name -> key of every const op and constexpr op of one function of the spec.
+
+    A const's key is its serialized value (for a blob: the file and offset it points at; for
+    an immediate: the value itself) with its type; a constexpr's key is its op type,
+    attributes, output types and its inputs' keys (inline values serialized, named inputs
+    by their own keys). Two functions that store a weight once get equal keys for it."""
+    if function_name not in spec.mlProgram.functions:
+        return {}
+    function = spec.mlProgram.functions[function_name]
+    keys: dict = {}
+    for op in function.block_specializations[function.opset].operations:
+        if not op.outputs:
+            continue
+        if op.type == "const":
+            keys[op.outputs[0].name] = ("const", op.attributes["val"].SerializeToString(deterministic=True))
+            continue
+        if not op.type.startswith("constexpr_"):
+            continue
+        parts = []
+        for parameter in sorted(op.inputs):
+            for binding in op.inputs[parameter].arguments:
+                if binding.WhichOneof("binding") == "name":
+                    parts.append((parameter, keys.get(binding.name, ("var", binding.name))))
+                else:
+                    parts.append((parameter, ("value", binding.value.SerializeToString(deterministic=True))))
+        attributes = tuple(sorted((name, value.SerializeToString(deterministic=True))
+                                  for name, value in op.attributes.items() if name != "name"))
+        types = tuple(output.type.SerializeToString(deterministic=True) for output in op.outputs)
+        key = (op.type, attributes, types, tuple(parts))
+        for index, output in enumerate(op.outputs):
+            keys[output.name] = (key, index)
+    return keys
+
+
+def load_functions(package_path: str | os.PathLike, function_names) -> dict[str, LoadedFunction]:
+    """Read `package_path` (.mlpackage) from disk once and load the named functions into
+    MIL (None: the package's default function), keyed by their resolved names."""
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
 
     package_path = Path(package_path)
     spec = _read_spec(package_path)
-    interface = _interface(spec, package_path, function_name)
-    name = interface.function_name
-
+    interfaces = [_interface(spec, package_path, function_name) for function_name in function_names]
     program = milproto_load(
         spec,
         spec.specificationVersion,
         file_weights_dir=str(package_path / WEIGHTS_SUBDIR),
     )
-    if name not in program.functions:
-        raise ValueError(
-            f"{package_path}: function {name!r} is in the description but not in the program "
-            f"(program has {sorted(program.functions)})"
+    loaded: dict[str, LoadedFunction] = {}
+    for interface in interfaces:
+        name = interface.function_name
+        if name not in program.functions:
+            raise ValueError(
+                f"{package_path}: function {name!r} is in the description but not in the program "
+                f"(program has {sorted(program.functions)})"
+            )
+        loaded[name] = LoadedFunction(
+            package_path=package_path,
+            function_name=name,
+            function=program.functions[name],
+            specification_version=spec.specificationVersion,
+            inputs=interface.inputs,
+            outputs=interface.outputs,
+            states=interface.states,
+            constant_keys=constant_keys(spec, name),
         )
-    loaded = LoadedFunction(
-        package_path=package_path,
-        function_name=name,
-        function=program.functions[name],
-        specification_version=spec.specificationVersion,
-        inputs=interface.inputs,
-        outputs=interface.outputs,
-        states=interface.states,
-    )
-    logger.info(
-        "loaded %s:%s (spec v%d, %d ops, inputs %s, states %s)",
-        package_path.name,
-        name,
-        loaded.specification_version,
-        len(loaded.function.operations),
-        sorted(loaded.inputs),
-        sorted(loaded.states),
-    )
+        logger.info(
+            "loaded %s:%s (spec v%d, %d ops, inputs %s, states %s)",
+            package_path.name,
+            name,
+            spec.specificationVersion,
+            len(loaded[name].function.operations),
+            sorted(interface.inputs),
+            sorted(interface.states),
+        )
     return loaded
+
+
+def load_function(package_path: str | os.PathLike, function_name: str | None = None) -> LoadedFunction:
+    """Read `package_path` (.mlpackage) from disk and load one function into MIL."""
+    return next(iter(load_functions(package_path, [function_name]).values()))

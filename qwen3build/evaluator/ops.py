@@ -256,8 +256,8 @@ ENGINE_OP_TYPES = frozenset({"const", "constexpr_lut_to_dense", "constexpr_block
 EMITTED_OP_TYPES = ENGINE_OP_TYPES | frozenset({
     "add", "cast", "clip", "concat", "exp", "gather", "gather_along_axis", "greater", "greater_equal", "identity",
     "less", "linear", "log", "logical_and", "matmul", "maximum", "mul", "real_div", "reduce_argmax", "reduce_max",
-    "reduce_mean", "reduce_sum", "reshape", "rsqrt", "scatter_along_axis", "select", "silu", "slice_by_index",
-    "slice_by_size", "slice_update", "softmax", "stack", "sub",
+    "reduce_mean", "reduce_sum", "reshape", "reverse", "rsqrt", "scatter_along_axis", "select", "silu",
+    "slice_by_index", "slice_by_size", "slice_update", "softmax", "stack", "sub", "transpose",
 })
 
 
@@ -376,9 +376,13 @@ def _softmax(c: OpContext):
     axis = int(c.const("axis", -1))
 
     def run(x):
-        x = widen(x)
-        shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
-        return shifted / np.sum(shifted, axis=axis, keepdims=True)
+        # In place on one fp32 working copy (a prefill block's scores are (KVH, S, G, T):
+        # millions of elements, where every extra temporary costs a pass over memory).
+        x = np.array(x, np.float32, copy=True)
+        x -= np.max(x, axis=axis, keepdims=True)
+        np.exp(x, out=x)
+        x /= np.sum(x, axis=axis, keepdims=True)
+        return x
 
     return run, ("x",)
 
@@ -434,6 +438,21 @@ def _index_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
         stop = None if end_mask is not None and end_mask[axis] else int(end[axis])
         slices.append(slice(start, stop, step))
     return tuple(slices)
+
+
+@kernel("transpose", computes=False)
+def _transpose(c: OpContext):
+    # A contiguous copy, not numpy's strided view: the next matmul runs on packed rows, and
+    # no later in-place write can reach the input through it.
+    perm = c.const_tuple("perm")
+    return (lambda x: np.ascontiguousarray(np.transpose(x, perm))), ("x",)
+
+
+@kernel("reverse", computes=False)
+def _reverse(c: OpContext):
+    # MIL reverse: flip along `axes` (every axis when omitted); a contiguous copy, as transpose.
+    axes = c.const_tuple("axes", None)
+    return (lambda x: np.ascontiguousarray(np.flip(x, axis=axes))), ("x",)
 
 
 @kernel("slice_by_index", computes=False)

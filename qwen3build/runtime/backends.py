@@ -1,7 +1,15 @@
-"""Backends that run a published stack, token by token (batch 1, one position per call):
+"""Backends that run a published stack (batch 1):
 
-    embed (io_model "embed") -> shards in stack.json order (each with its KV state)
+    decode, one position per call:
+    embed (io_model "embed") -> shards' "decode" in stack.json order (each with its KV state)
       -> logits (io_model "lm_head") -> next token (sampler_model)
+    prefill, PREFILL_LEN positions per call (a stack built with PREFILL_LEN > 0):
+    embed_prefill -> shards' "prefill" (the same KV states) -> the last position's logits
+      (lm_head on its hidden state), or every position's (lm_head_prefill)
+
+Every backend has `prefill_len` (0: no prefill), `forward(token, position, want_logits)`
+and `prefill(tokens, position, logits)`; runtime/generate.py decides which calls a prompt
+takes (prompt_schedule).
 
 - "coreml": the saved packages on Apple's Core ML runtime (macOS only), with the compute
   units stack.json records (shards CPU+ANE, io_model and sampler CPU+GPU).
@@ -24,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BuildError
+from ..graph import decoder as graph
 from ..graph import sampler as sampling
 from ..graph.sampler import SamplerSettings
+from .generate import prefill_block_ids
 from ..stack import Stack
 from .packages import PACKAGE_BACKENDS
 
@@ -39,23 +49,41 @@ TORCH_THREADS = 1
 
 
 class PackageBackend:
-    """The saved packages, run by Core ML ("coreml") or by the numpy evaluator ("evaluator")."""
+    """The saved packages, run by Core ML ("coreml") or by the numpy evaluator ("evaluator").
 
-    def __init__(self, stack: Stack, runtime_backend: str):
-        from .packages import open_package
+    use_prefill=False opens the decode functions only (`run --no-prefill`)."""
+
+    def __init__(self, stack: Stack, runtime_backend: str, use_prefill: bool = True):
+        from .packages import open_functions, open_package
 
         self.name = runtime_backend
         self.description = {"coreml": "Core ML runtime, saved packages",
                             "evaluator": "numpy package evaluator, saved packages"}[runtime_backend]
         units = stack.info.get("compute_units", {})
+        self.prefill_len = stack.prefill_len if use_prefill else 0
 
-        def opened(path, function):
-            return open_package(path, function, backend=runtime_backend, compute_units=units.get(path.name, "ALL"))
+        def opened(path, functions):
+            return open_functions(path, functions, backend=runtime_backend, compute_units=units.get(path.name, "ALL"))
 
-        self.embed = opened(stack.io_model, "embed")
-        self.head = opened(stack.io_model, "lm_head")
-        self.shards = [opened(path, None) for path in stack.shard_packages]
-        self.sampler = opened(stack.sampler, None)
+        io_names = graph.io_functions(self.prefill_len)
+        io = opened(stack.io_model, io_names)
+        self.embed, self.head = io[graph.EMBED], io[graph.LM_HEAD]
+        self.shards, self.prefill_shards = [], []
+        for path in stack.shard_packages:
+            recorded = stack.functions(path.name)  # a stack from before prefill records none: its default
+            names = graph.shard_functions(self.prefill_len) if recorded else [None]
+            missing = [name for name in names if name is not None and name not in recorded]
+            if missing:
+                raise BuildError(f"{path.name} has no function {', '.join(missing)} (stack.json records "
+                                 f"{', '.join(recorded)}); run `./dev build` again")
+            functions = opened(path, names)
+            self.shards.append(functions[graph.DECODE] if recorded else next(iter(functions.values())))
+            if self.prefill_len:
+                self.prefill_shards.append(functions[graph.PREFILL])
+        if self.prefill_len:
+            self.embed_prefill, self.head_prefill = io[graph.EMBED_PREFILL], io[graph.LM_HEAD_PREFILL]
+        self.sampler = open_package(stack.sampler, None, backend=runtime_backend,
+                                    compute_units=units.get(stack.sampler.name, "ALL"))
         missing = [name for name in ("logits", "recent_tokens", "noise", *SamplerSettings().inputs())
                    if name not in self.sampler.inputs]
         if missing:
@@ -77,6 +105,25 @@ class PackageBackend:
             return None
         return self.head.predict({"hidden_states": hidden})["logits"]  # (1, V) fp16
 
+    def prefill(self, tokens, position: int, logits: str | None = "last") -> np.ndarray | None:
+        """Feed 1..prefill_len tokens at positions position.. in one call of every prefill
+        function (a partial block is padded with graph.PREFILL_PAD_ID; the padded block must
+        fit the ring: position + prefill_len <= SEQ_LEN). logits: "last" -> (1, V) fp16 of
+        the last token given (lm_head on its hidden state), "all" -> (n, V) fp16 of every
+        token given (lm_head_prefill), None -> nothing."""
+        count = len(tokens)
+        ids = prefill_block_ids(self.name, tokens, self.prefill_len)  # (1, T)
+        hidden = self.embed_prefill.predict({"input_ids": ids})["hidden_states"]  # (1, H, 1, T)
+        feed_position = np.array([position], np.int32)
+        for shard, state in zip(self.prefill_shards, self.states):  # the decode functions' states
+            hidden = shard.predict({"hidden_states": hidden, "position": feed_position}, state)["output_hidden_states"]
+        if logits == "all":
+            return self.head_prefill.predict({"hidden_states": hidden})["logits"][0, :count]  # (n, V) fp16
+        if logits == "last":
+            last = np.ascontiguousarray(hidden[0, :, 0, count - 1]).reshape(1, 1, -1)       # (1, 1, H)
+            return self.head.predict({"hidden_states": last})["logits"]                     # (1, V) fp16
+        return None
+
     def choose(self, logits: np.ndarray, window_ids: np.ndarray, settings: SamplerSettings,
                noise: np.ndarray | None) -> int:
         inputs = {"logits": logits, "recent_tokens": window_ids,
@@ -84,9 +131,10 @@ class PackageBackend:
         return int(self.sampler.predict(inputs)["token"][0])
 
 
-def reference_from_stack(stack: Stack):
+def reference_from_stack(stack: Stack, use_prefill: bool = True):
     """The torch ReferenceStack of a published stack: the checkpoint it was built from, and
-    the SLaNC scales and quantization packs of its own generation."""
+    the SLaNC scales and quantization packs of its own generation (and its PREFILL_LEN
+    block, unless use_prefill is False)."""
     from ..checkpoint.reader import Checkpoint
     from ..lower.torch.reference import ReferenceStack
     from ..quant.provider import PackedWeights
@@ -116,7 +164,7 @@ def reference_from_stack(stack: Stack):
                             pack_root / "embed" if quant.get("embed_bits") else None, config.tie_word_embeddings)
     layout = parse_layout(stack.layout_text, config.num_hidden_layers)
     return ReferenceStack(checkpoint, weights, config, layout, np.load(scales_path), stack.seq_len,
-                          info["kv_write"])
+                          info["kv_write"], stack.prefill_len if use_prefill else 0)
 
 
 class TorchBackend:
@@ -125,10 +173,11 @@ class TorchBackend:
     name = "torch"
     description = "fp32 torch ReferenceStack, sampling by qwen3build.graph.sampler"
 
-    def __init__(self, stack: Stack, threads: int = TORCH_THREADS):
+    def __init__(self, stack: Stack, threads: int = TORCH_THREADS, use_prefill: bool = True):
         import torch
 
-        self.reference = reference_from_stack(stack)
+        self.reference = reference_from_stack(stack, use_prefill)
+        self.prefill_len = self.reference.prefill_len
         self.window = _package_window(stack)
         torch.set_num_threads(threads)  # process-wide: `run` is the whole process
         log.debug("torch backend: %d thread(s)", threads)
@@ -138,6 +187,12 @@ class TorchBackend:
 
     def forward(self, token: int, position: int, want_logits: bool = True) -> np.ndarray | None:
         return self.reference.step(token, position)  # (V,) float32; the head is cheap next to the layers
+
+    def prefill(self, tokens, position: int, logits: str | None = "last") -> np.ndarray | None:
+        """As PackageBackend.prefill, through the reference's prefill block graph: "last"
+        -> (V,) float32, "all" -> (n, V) float32."""
+        out = self.reference.prefill(list(tokens), position)  # (n, V); the head is cheap
+        return out if logits == "all" else out[-1] if logits == "last" else None
 
     def choose(self, logits: np.ndarray, window_ids: np.ndarray, settings: SamplerSettings,
                noise: np.ndarray | None) -> int:
@@ -170,8 +225,8 @@ def resolve_backend(requested: str) -> str:
     return requested
 
 
-def open_backend(stack: Stack, requested: str):
+def open_backend(stack: Stack, requested: str, use_prefill: bool = True):
     backend = resolve_backend(requested)
     if backend == "torch":
-        return TorchBackend(stack)
-    return PackageBackend(stack, backend)
+        return TorchBackend(stack, use_prefill=use_prefill)
+    return PackageBackend(stack, backend, use_prefill)

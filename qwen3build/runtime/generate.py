@@ -1,5 +1,7 @@
-"""The host loop of `qwen3build run`: prefill the prompt, then choose tokens until EOS,
-the token budget or the context capacity, on any backend (runtime/backends.py)."""
+"""The host loop of `qwen3build run`: read the prompt (through `prefill` in blocks of
+PREFILL_LEN where the stack has it, else one position per `decode` call), then choose
+tokens until EOS, the token budget or the context capacity, on any backend
+(runtime/backends.py). `verify` feeds its prompts and teacher-forced runs the same way."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +15,66 @@ from ..graph import sampler as sampling
 from ..graph.sampler import SamplerSettings
 
 STOP_REASONS = ("eos", "max_new_tokens", "context")
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStep:
+    kind: str        # PREFILL (one call of every prefill function) or DECODE (one position)
+    position: int    # first position fed
+    count: int       # positions fed (1 for DECODE)
+
+def prefill_block_ids(name: str, tokens, block: int) -> np.ndarray:
+    """(1, block) int32 ids of one prefill call: 1..block tokens, a partial block padded
+    with graph.PREFILL_PAD_ID (harmless: docs/prefill.md). Every backend's prefill uses it."""
+    from ..graph.decoder import PREFILL_PAD_ID
+    count = len(tokens)
+    if not block:
+        raise BuildError(f"{name}: this stack has no prefill function (PREFILL_LEN=0); feed decode steps")
+    if not 1 <= count <= block:
+        raise ValueError(f"a prefill block takes 1..{block} tokens, got {count}")
+    ids = np.full((1, block), PREFILL_PAD_ID, np.int32)
+    ids[0, :count] = tokens
+    return ids
+
+
+
+def prompt_schedule(length: int, prefill_len: int, seq_len: int, start: int = 0) -> list[PromptStep]:
+    """The calls that feed positions start .. start+length-1: blocks of prefill_len through
+    `prefill`, the last one partial (padded) when the padded block still fits the ring
+    (position + prefill_len <= seq_len); positions after the last block that fits go one by
+    one through `decode`, so no call ever writes a slot at or beyond seq_len. prefill_len 0:
+    every position through `decode`."""
+    if start < 0 or start + length > seq_len:
+        raise ValueError(f"positions {start}..{start + length - 1} are outside the context capacity 0..{seq_len - 1}")
+    steps, position, end = [], start, start + length
+    while position < end:
+        if prefill_len and position + prefill_len <= seq_len:
+            count = min(prefill_len, end - position)
+            steps.append(PromptStep(PREFILL, position, count))
+        else:
+            count = 1
+            steps.append(PromptStep(DECODE, position, count))
+        position += count
+    return steps
+
+
+def prompt_logits(backend, ids, seq_len: int, start: int = 0, every: bool = False):
+    """Feed `ids` at positions start.. (prompt_schedule over backend.prefill_len) and yield
+    (step, logits) per call: with every=True the float32 (count, V) logits of each position
+    fed (teacher forcing), else the last position's logits from the last call (as the
+    backend's forward returns them) and None from the others."""
+    steps = prompt_schedule(len(ids), backend.prefill_len, seq_len, start)
+    for index, step in enumerate(steps):
+        chunk = [int(t) for t in ids[step.position - start:step.position - start + step.count]]
+        wanted = every or index == len(steps) - 1
+        if step.kind == PREFILL:
+            out = backend.prefill(chunk, step.position, ("all" if every else "last") if wanted else None)
+        else:
+            out = backend.forward(chunk[0], step.position, want_logits=wanted)
+        if every:
+            out = np.asarray(out, np.float32).reshape(step.count, -1)      # (count, V)
+        yield step, out
 
 
 @dataclasses.dataclass
@@ -24,6 +86,9 @@ class Generation:
     time_to_first_token: float       # start of prefill -> first token chosen
     decode_seconds: float            # first token chosen -> last token chosen
     decode_steps: int                # tokens chosen after the first
+    prefill_calls: int = 0           # prompt calls through `prefill` (blocks)
+    prompt_decode_calls: int = 0     # prompt positions fed through `decode`
+    prefill_len: int = 0             # tokens per prefill block (0: none used)
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -38,8 +103,9 @@ def generate(backend, prompt_ids: list[int], settings: SamplerSettings, max_new_
              eos_token_ids: tuple[int, ...], seq_len: int, seed: int | None = None,
              on_token: Callable[[int], None] | None = None,
              on_prefill: Callable[[int, int], None] | None = None) -> Generation:
-    """Prefill `prompt_ids` one position at a time, then choose tokens until EOS, the
-    token budget or the context capacity. EOS is not part of the returned tokens."""
+    """Read `prompt_ids` (prompt_schedule: prefill blocks where the backend has them), then
+    choose tokens until EOS, the token budget or the context capacity. EOS is not part of
+    the returned tokens. on_prefill(done, total) after every prompt call."""
     if not prompt_ids:
         raise BuildError("the prompt encodes to no tokens; give a non-empty --prompt")
     if len(prompt_ids) > seq_len:
@@ -52,10 +118,12 @@ def generate(backend, prompt_ids: list[int], settings: SamplerSettings, max_new_
     backend.reset()
     started = time.perf_counter()
     logits = None
-    for position, token in enumerate(prompt_ids):
-        logits = backend.forward(int(token), position, want_logits=position == len(prompt_ids) - 1)
+    calls = {PREFILL: 0, DECODE: 0}
+    for step, out in prompt_logits(backend, prompt_ids, seq_len):
+        calls[step.kind] += 1
+        logits = out if out is not None else logits
         if on_prefill:
-            on_prefill(position + 1, len(prompt_ids))
+            on_prefill(step.position + step.count, len(prompt_ids))
     prefill_seconds = time.perf_counter() - started
     history = list(prompt_ids)
     generated: list[int] = []
@@ -83,6 +151,8 @@ def generate(backend, prompt_ids: list[int], settings: SamplerSettings, max_new_
         position += 1
     return Generation(prompt_tokens=len(prompt_ids), tokens=generated, stop_reason=stop,
                       prefill_seconds=prefill_seconds, time_to_first_token=chosen_times[0] - started,
-                      decode_seconds=chosen_times[-1] - chosen_times[0], decode_steps=len(chosen_times) - 1)
+                      decode_seconds=chosen_times[-1] - chosen_times[0], decode_steps=len(chosen_times) - 1,
+                      prefill_calls=calls[PREFILL], prompt_decode_calls=calls[DECODE],
+                      prefill_len=backend.prefill_len if calls[PREFILL] else 0)
 
 

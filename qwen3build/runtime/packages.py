@@ -14,6 +14,8 @@ Backends:
 Both return objects with the same surface: .backend, .inputs / .outputs / .states
 (name -> (shape, numpy dtype)), new_state(), predict(inputs, state=None) and
 state_arrays(state) (a name -> ndarray snapshot, for tests and debugging).
+`open_functions(path, names, ...)` opens several functions of one package (a shard's
+decode and prefill take the same state object).
 """
 
 from __future__ import annotations
@@ -86,6 +88,27 @@ class CoreMLPackage:
     def state_arrays(self, state) -> dict:
         import numpy as np
         return {name: np.asarray(state.read_state(name)) for name in self.states}
+
+
+def open_functions(package_path: str | os.PathLike, function_names, backend: str = "auto",
+                   compute_units: str = "ALL") -> dict:
+    """Several functions of one package, keyed by resolved name (None: the default
+    function). The evaluator reads the package once and decodes the weights its functions
+    share once; Core ML opens one model per function. Functions with a state of the same
+    name (a shard's decode and prefill) are meant to take the same state object."""
+    if backend not in PACKAGE_BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {PACKAGE_BACKENDS}")
+    if backend == "auto":
+        backend = available_backends()[0]
+    if backend != "evaluator":
+        opened = [open_package(package_path, name, backend, compute_units) for name in function_names]
+        return {function.function_name: function for function in opened}
+    from qwen3build.evaluator import PackageEvaluator
+
+    opened = PackageEvaluator.functions(package_path, list(function_names))
+    for function in opened.values():
+        logger.info("opened %s:%s with backend %s", Path(package_path).name, function.function_name, function.backend)
+    return opened
 
 
 def open_package(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,11 +18,18 @@ from ..paths import DEFAULTS_FILE, BuildTree
 from .defaults import read_defaults, read_toml
 from .limits import MAX_SEQ_LEN
 
+log = logging.getLogger(__name__)
 PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
              "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")
-SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "RECIPE")
+SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "PREFILL_LEN", "RECIPE")
 # KV_WRITE: how a shard writes this token's K/V rows into its state (docs/build.md).
 KV_WRITE_MODES = ("blend", "slice")
+# PREFILL_LEN: tokens per `prefill` call (docs/prefill.md). 0 builds decode only. The cap:
+# the field ships 8 (CoreML-LLM), 64 (ANEMLL, Apple's chunked prefill) and query lengths
+# up to 64 (Core AI exports); a call's transients grow with it (the (T, S) mask and the
+# (KVH, S, G*T) scores: 64 MB per layer at T=512, S=4096, 16 heads), and past a few
+# hundred tokens a block no longer saves dispatches worth having.
+MAX_PREFILL_LEN = 512
 # Settings that must name something (the rest may be "" = not given).
 REQUIRED_PATHS = ("CONFIG", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR")
 
@@ -43,6 +51,7 @@ class Settings:
     SHARDS: str
     PALETTIZE_MASKS: bool
     KV_WRITE: str
+    PREFILL_LEN: int
     RECIPE: str
     RECIPE_FILE: Path
     # Settings the environment or a doit variable gave (the rest are qwen3build.toml's
@@ -103,6 +112,21 @@ def parse_seq_len(raw) -> int:
     return parse_whole("SEQ_LEN", raw, 2, MAX_SEQ_LEN, "give the context capacity in tokens, e.g. SEQ_LEN=4096")
 
 
+def parse_prefill_len(raw, seq_len: int, given: bool) -> int:
+    """Tokens per `prefill` call (0: decode only). A block must fit in the ring, so a given
+    value above SEQ_LEN is refused; the default is fitted to a smaller SEQ_LEN (like
+    SEQ_LEN's own default to the model)."""
+    value = parse_whole("PREFILL_LEN", raw, 0, MAX_PREFILL_LEN,
+                        "give the tokens per prefill call, e.g. PREFILL_LEN=64 (0 builds decode only)")
+    if value <= seq_len:
+        return value
+    if given:
+        raise BuildError(f"PREFILL_LEN={value} exceeds SEQ_LEN={seq_len}: a prefill block must fit in the KV ring; "
+                         f"choose PREFILL_LEN <= {seq_len} (or 0)")
+    log.debug("PREFILL_LEN: the default %d exceeds SEQ_LEN=%d; using PREFILL_LEN=%d", value, seq_len, seq_len)
+    return seq_len
+
+
 def load_settings(overrides: dict | None = None, environ: dict | None = None,
                   defaults_file: Path = DEFAULTS_FILE) -> Settings:
     """Merge defaults < environment < overrides (doit vars), resolve paths, validate."""
@@ -160,6 +184,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
     glob = raw["WEIGHTS_GLOB"]
     if not isinstance(glob, str):
         raise BuildError(f"WEIGHTS_GLOB={glob!r} must be a glob pattern (a string); quote it in qwen3build.toml")
+    seq_len = parse_seq_len(raw["SEQ_LEN"])
     settings = Settings(
         CONFIG=required_path("CONFIG"),
         WEIGHTS=path_or_none("WEIGHTS"),
@@ -172,10 +197,11 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         MIL_DIR=required_path("MIL_DIR"),
         TMP_DIR=required_path("TMP_DIR"),
         CACHE_DIR=required_path("CACHE_DIR"),
-        SEQ_LEN=parse_seq_len(raw["SEQ_LEN"]),
+        SEQ_LEN=seq_len,
         SHARDS=shards.strip() or "preset",
         PALETTIZE_MASKS=parse_bool("PALETTIZE_MASKS", raw["PALETTIZE_MASKS"]),
         KV_WRITE=parse_choice("KV_WRITE", raw["KV_WRITE"], KV_WRITE_MODES),
+        PREFILL_LEN=parse_prefill_len(raw["PREFILL_LEN"], seq_len, "PREFILL_LEN" in given),
         RECIPE=recipe.strip(),
         RECIPE_FILE=recipe_file,
         given=frozenset(given),

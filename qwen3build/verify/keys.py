@@ -28,12 +28,16 @@ def check_stack_matches(plan, models_dir: str | Path | None = None) -> Stack:
     out = Path(models_dir) if models_dir else plan.tree.out_dir
     stack = load_stack(out)
     info = stack.info
-    stale = ("verify it with the settings it was built with (SEQ_LEN={}, RECIPE={}, SHARDS={})".format(
-        info.get("seq_len"), info.get("recipe"), stack.layout_text) if stack.is_release
+    stale = ("verify it with the settings it was built with (SEQ_LEN={}, RECIPE={}, SHARDS={}, PREFILL_LEN={})".format(
+        info.get("seq_len"), info.get("recipe"), stack.layout_text, int(info.get("prefill_len") or 0))
+        if stack.is_release
         else "run `doit build` with the same settings first")
     if info.get("seq_len") != plan.settings.SEQ_LEN:
         raise BuildError(f"{out}: packages were built with SEQ_LEN={info.get('seq_len')}, "
                          f"but SEQ_LEN={plan.settings.SEQ_LEN} now; {stale}")
+    if int(info.get("prefill_len") or 0) != plan.settings.PREFILL_LEN:
+        raise BuildError(f"{out}: packages were built with PREFILL_LEN={int(info.get('prefill_len') or 0)}, "
+                         f"but PREFILL_LEN={plan.settings.PREFILL_LEN} now; {stale}")
     if info.get("recipe") != plan.settings.RECIPE:
         raise BuildError(f"{out}: packages were built with RECIPE={info.get('recipe')}, "
                          f"but RECIPE={plan.settings.RECIPE} now; {stale}")
@@ -86,7 +90,7 @@ def verify_inputs(plan, text_path: Path | None = None, options=None, stack: Stac
         thresholds = {"error": str(error)}
     return {
         "packages": packages,
-        "stack": {k: info.get(k) for k in ("seq_len", "recipe", "shards", "model")},
+        "stack": {k: info.get(k) for k in ("seq_len", "recipe", "shards", "model", "prefill_len")},
         "reference": {"code": code_digest(*VERIFY_CODE),
                       "SEQ_LEN": plan.settings.SEQ_LEN, "SHARDS": [dataclasses.asdict(s) for s in plan.layout]},
         "config": config_digest,

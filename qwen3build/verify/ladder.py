@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BuildError
+from ..runtime.generate import prompt_logits
 from . import metrics
 from .gate import check_rung, load_thresholds, validate_thresholds
 from .keys import check_stack_matches, verify_inputs
 from .keys import digest_json
 from .options import VerifyOptions, coerce_options, default_report_path, default_text_path
-from .rungs import PackageRung, ReferenceRung
+from .parity import parity_lengths, prefill_parity
+from .rungs import PackageRung, ReferenceRung, prompt_last_logits
 from .windows import plan_windows, read_text, resolve_window_sizes, tokenize
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,24 @@ class OracleRun:
     nll: np.ndarray       # (L,) next-token NLL, NaN at the last position
 
 
-def _teacher_forced(rung, oracle, runs, oracle_runs, tokens, budget: int):
-    """Step every run through the rung; per-position metrics against the oracle."""
+def _teacher_forced(rung, oracle, runs, oracle_runs, tokens, budget: int, seq_len: int):
+    """Feed every run through the rung as `run` reads a prompt (prefill blocks where the
+    stack has them: runtime.generate.prompt_logits), taking every position's logits;
+    per-position metrics against the oracle, in pieces of oracle.chunk positions."""
     parts, run_nll, covered = [], [], []
     steps, step_seconds = 0, 0.0
     total = sum(r.length for r in runs) if not budget else min(budget, sum(r.length for r in runs))
     next_log = 0.0
+
+    def score(oracle_run, targets, logits, c0):
+        for p0 in range(0, len(logits), oracle.chunk):
+            p1 = min(len(logits), p0 + oracle.chunk)
+            a, b = c0 + p0, c0 + p1
+            part = metrics.position_metrics(oracle.logits(oracle_run.hidden[a:b]), logits[p0:p1], targets[a:b])
+            part["depth"] = np.arange(a, b)
+            parts.append(part)
+            yield part["nll"]
+
     with rung.threads():
         for run, oracle_run in zip(runs, oracle_runs):
             n = run.length if not budget else max(0, min(run.length, budget - steps))
@@ -55,20 +69,20 @@ def _teacher_forced(rung, oracle, runs, oracle_runs, tokens, budget: int):
             nll_parts = []
             if n:
                 rung.reset()
-            for c0 in range(0, n, oracle.chunk):
-                c1 = min(n, c0 + oracle.chunk)
-                started = time.perf_counter()
-                logits = np.stack([rung.step(int(ids[t]), t) for t in range(c0, c1)])  # (C, V)
-                step_seconds += time.perf_counter() - started
-                part = metrics.position_metrics(oracle.logits(oracle_run.hidden[c0:c1]), logits, targets[c0:c1])
-                part["depth"] = np.arange(c0, c1)
-                parts.append(part)
-                nll_parts.append(part["nll"])
-                steps += c1 - c0
-                if steps / total >= next_log:
-                    log.info("verify %s: %d/%d positions (%.1f tokens/s)", rung.name, steps, total,
-                             steps / max(step_seconds, 1e-9))
-                    next_log += 0.25
+                calls = prompt_logits(rung, ids[:n], seq_len, every=True)
+                while True:
+                    started = time.perf_counter()
+                    item = next(calls, None)
+                    step_seconds += time.perf_counter() - started
+                    if item is None:
+                        break
+                    step, logits = item                                   # (count, V)
+                    nll_parts += list(score(oracle_run, targets, logits, step.position))
+                    steps += step.count
+                    if steps / total >= next_log:
+                        log.info("verify %s: %d/%d positions (%.1f tokens/s)", rung.name, steps, total,
+                                 steps / max(step_seconds, 1e-9))
+                        next_log += 0.25
             run_nll.append(np.concatenate(nll_parts) if nll_parts else np.zeros(0))
             covered.append(n)
     return metrics.concat_metrics(parts), run_nll, covered, steps, step_seconds
@@ -104,14 +118,11 @@ def _prompts(n_tokens: int, options: VerifyOptions, seq_len: int) -> tuple[list[
     return offsets, prompt, new
 
 
-def _greedy(rung, tokens, offsets, prompt_len, oracle_rollouts) -> dict:
+def _greedy(rung, tokens, offsets, prompt_len, oracle_rollouts, seq_len: int) -> dict:
     results = []
     with rung.threads():
         for offset, (oracle_tokens, oracle_margins) in zip(offsets, oracle_rollouts):
-            rung.reset()
-            prompt = tokens[offset:offset + prompt_len]
-            for t, token in enumerate(prompt):
-                logits = rung.step(int(token), t)
+            logits = prompt_last_logits(rung, tokens[offset:offset + prompt_len], seq_len)  # as `run` reads it
             produced = []
             for k in range(len(oracle_tokens)):
                 token = rung.next_token(logits)
@@ -197,22 +208,31 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
         rung = ReferenceRung(stack) if name == "reference" else PackageRung(stack, options.backend)
         budget = options.package_positions if name == "packages" else 0
         rung_started = time.perf_counter()
-        tf, run_nll, covered, steps, step_seconds = _teacher_forced(rung, oracle, runs, oracle_runs, tokens, budget)
+        tf, run_nll, covered, steps, step_seconds = _teacher_forced(rung, oracle, runs, oracle_runs, tokens, budget,
+                                                                    seq_len)
         figures = {
             "backend": rung.backend,
             "sampler": rung.sampler,
             "teacher_forced": metrics.summarize_teacher_forced(tf, _depth_edges(seq_len)),
             "perplexity": _perplexity_table(windows, oracle_runs, run_nll, covered),
-            "greedy": _greedy(rung, tokens, offsets, prompt_len, oracle_rollouts),
+            "greedy": _greedy(rung, tokens, offsets, prompt_len, oracle_rollouts, seq_len),
             "steps": steps,
             "budget": budget or None,
             "step_seconds": round(step_seconds, 2),
             "tokens_per_second": round(steps / step_seconds, 2) if step_seconds else None,
             "seconds": round(time.perf_counter() - rung_started, 2),
         }
+        figures["prefill_len"] = rung.prefill_len  # prompts and teacher-forced runs read in blocks of this
         figures["failures"] = check_rung(name, figures, thresholds)
         failures += figures["failures"]
         report["rungs"][name] = figures
+        if name == "packages":
+            if rung.prefill_len:
+                lengths = parity_lengths(rung.prefill_len, seq_len, options.rollout_tokens, len(tokens), budget)
+                report["prefill_parity"] = prefill_parity(rung, tokens, lengths, options.rollout_tokens, seq_len)
+                failures += report["prefill_parity"]["failures"]
+            else:
+                report["prefill_parity"] = {"skipped": "the packages have no prefill function (PREFILL_LEN=0)"}
         del rung  # free its weights before the next rung loads (a 1.7B model holds GBs per rung)
         gc.collect()
         log.info("verify %s: %s", name, "ok" if not figures["failures"] else f"{len(figures['failures'])} threshold(s) missed")

@@ -37,13 +37,24 @@ def format_report(report: dict) -> str:
            line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
     for note in report["windows"].get("notes", []):
         out.append(f"note: {note}")
+    parity = report.get("prefill_parity")
+    if parity and "skipped" in parity:
+        out.append(f"prefill parity: skipped ({parity['skipped']})")
+    elif parity:
+        worst_kl = max(max(p["prompt"]["max_kl"], p["continuation"]["max_kl"]) for p in parity["prompts"])
+        worst_cos = min(min(p["prompt"]["min_cosine"], p["continuation"]["min_cosine"]) for p in parity["prompts"])
+        verdicts = ", ".join(f"{p['length']} tokens {p['continuation']['verdict']}" for p in parity["prompts"])
+        out.append(f"prefill parity (PREFILL_LEN {parity['prefill_len']}, packages): max KL {worst_kl:.2e}, "
+                   f"min cosine {worst_cos:.6f} vs decode alone; continuations: {verdicts}"
+                   + ("" if not parity["failures"] else f"; {len(parity['failures'])} failure(s)"))
     budget = report["rungs"].get("packages", {}).get("budget")
     if budget:
         out.append(f"note: packages limited to {budget} teacher-forced positions (PACKAGE_POSITIONS)")
     if report["passed"]:
         out.append(f"PASSED: every rung within [verify.{report['recipe']}]")
     else:
-        out.append(f"FAILED: {len(report['failures'])} threshold(s) of [verify.{report['recipe']}] missed")
+        out.append(f"FAILED: {len(report['failures'])} threshold(s) of [verify.{report['recipe']}] or of the prefill "
+                   "parity missed")
         out += [f"  - {failure}" for failure in report["failures"]]
     if report.get("report_path"):
         out.append(f"report: {report['report_path']}")

@@ -4,6 +4,11 @@
   (its checkpoint, scales and packs: runtime.backends.reference_from_stack);
 - packages: the saved packages, chained as a deployment runs them (runtime PackageBackend:
   the same chain `qwen3build run` uses), each loaded from disk.
+
+Both read prompts and teacher-forced runs the way `run` reads a prompt
+(runtime.generate.prompt_logits): blocks of PREFILL_LEN through the prefill graph where
+the stack has it, single positions through decode elsewhere; greedy continuations step
+through decode.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ class ReferenceRung:
     def __init__(self, stack):
         from ..runtime.backends import reference_from_stack
         self.stack = reference_from_stack(stack)
+        self.prefill_len = self.stack.prefill_len
 
     def reset(self) -> None:
         self.stack.reset()
@@ -46,11 +52,29 @@ class ReferenceRung:
     def step(self, token: int, position: int) -> np.ndarray:
         return self.stack.step(token, position)
 
+    # the backend surface runtime.generate.prompt_logits feeds
+    def forward(self, token: int, position: int, want_logits: bool = True) -> np.ndarray:
+        return self.stack.step(token, position)  # (V,)
+
+    def prefill(self, tokens, position: int, logits: str | None = "last"):
+        out = self.stack.prefill(list(tokens), position)  # (n, V)
+        return out if logits == "all" else out[-1] if logits == "last" else None
+
     def next_token(self, logits: np.ndarray) -> int:
         return int(np.argmax(logits))
 
     def threads(self):
         return _torch_threads(REFERENCE_TORCH_THREADS)
+
+
+def prompt_last_logits(rung, ids, seq_len: int) -> np.ndarray:
+    """Read a prompt from a fresh state as `run` does; the last position's logits (V,) float32."""
+    from ..runtime.generate import prompt_logits
+    rung.reset()
+    logits = None
+    for _step, out in prompt_logits(rung, ids, seq_len):
+        logits = out if out is not None else logits
+    return np.asarray(logits, np.float32).reshape(-1)
 
 
 class PackageRung:
@@ -67,6 +91,7 @@ class PackageRung:
         except (RuntimeError, ValueError) as exc:
             raise BuildError(f"packages in {stack.models_dir}: cannot open with backend {backend!r}: {exc}") from None
         self.backend = backend
+        self.prefill_len = self.chain.prefill_len
         self.reset()
 
     def reset(self) -> None:
@@ -74,6 +99,13 @@ class PackageRung:
 
     def step(self, token: int, position: int) -> np.ndarray:
         return np.asarray(self.chain.forward(token, position)[0], np.float32)  # (V,)
+
+    # the backend surface runtime.generate.prompt_logits feeds
+    def forward(self, token: int, position: int, want_logits: bool = True):
+        return self.chain.forward(token, position, want_logits)
+
+    def prefill(self, tokens, position: int, logits: str | None = "last"):
+        return self.chain.prefill(tokens, position, logits)
 
     def next_token(self, logits: np.ndarray) -> int:
         """Greedy through sampler_model itself: temperature 0, empty window, no penalty."""

@@ -1,7 +1,9 @@
 """Emit quantized weights as iOS18 constexpr ops inside an `mb.program` / Builder context.
 
 Each emitter returns a MIL var holding the dense fp16 tensor, built only from constexpr
-ops, so the saved .mlpackage stores the compressed bytes and no dense copy:
+ops, so the saved .mlpackage stores the compressed bytes and no dense copy. Every stored
+array is a `shared_const` (weight_id = its name), so the functions of one package that
+emit the same weight (decode and prefill) store it once:
 
 - lut_weight:        constexpr_lut_to_dense (per-grouped-channel LUT, sub-byte indices),
                      then constexpr_blockwise_shift_scale with scale [out, 1] when the pack
@@ -20,6 +22,8 @@ VECTOR_SIZE: scalar palettization).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
@@ -31,22 +35,63 @@ from ...quant.lut import LutPack
 TABLE_BITS = (1, 2, 4, 8)
 
 
+def shared_const(value: np.ndarray, name: str):
+    """A const whose blob is written once per package, whichever functions use it: its
+    `weight_id` is its name (coremltools' backend keys blobs by weight_id, so every
+    function that emits a const of this name points at the same bytes)."""
+    var = mb.const(val=value, name=name)
+    var.op.weight_id = name
+    return var
+
+
 def _sub_byte_dtype(signed: bool, bits: int) -> np.dtype:
     """numpy dtype whose metadata tells coremltools the element bit width (uint4, int4, ...)."""
     name = f"{'int' if signed else 'uint'}{bits}"
     return types.nptype_from_builtin(types.string_to_builtin(name))
 
 
-def mil_weight(value, name: str):
-    """A weight as the recipe packs it (dense fp16 array, LutPack or BlockwisePack) as a var."""
+@dataclasses.dataclass(frozen=True)
+class StoredWeight:
+    """A weight's arrays exactly as the package stores them (sub-byte dtypes, MIL shapes),
+    made once: every function that emits the weight (decode and prefill) hands the same
+    arrays to its consts, so building a second function copies nothing (mb.const keeps the
+    array it is given)."""
+
+    kind: str          # "dense", "lut", "lut_row_scale" or "blockwise"
+    arrays: dict       # name suffix -> array
+
+
+def stored_weight(value) -> StoredWeight:
+    """The arrays of a weight as the recipe packs it (dense fp16 array, LutPack or BlockwisePack)."""
+    if isinstance(value, StoredWeight):
+        return value
     if isinstance(value, LutPack):
-        return lut_weight(value, name)
+        out_features, _ = value.shape
+        indices = value.indices.astype(_sub_byte_dtype(False, value.bits))  # (out, in) uintN
+        lut = value.lut.reshape(value.num_groups, 1, 1 << value.bits, 1)    # (G, 1, 2**bits, 1) fp16
+        if value.row_scale is None:
+            return StoredWeight("lut", {"indices": indices, "lut": lut})
+        return StoredWeight("lut_row_scale", {
+            "indices": indices,
+            "row_lut": np.repeat(lut, value.group_size, axis=0),              # (out, 1, 2**bits, 1): a LUT per row
+            "row_scale": value.row_scale.reshape(out_features, 1, 1, 1)})     # (out, 1, 1, 1)
     if isinstance(value, BlockwisePack):
-        return blockwise_weight(value, name)
-    return mb.const(val=np.asarray(value, np.float16), name=name)
+        return StoredWeight("blockwise", {"data": value.data.astype(_sub_byte_dtype(True, value.bits)),  # int4 / int8
+                                          "scale": value.scale})
+    return StoredWeight("dense", {"value": np.asarray(value, np.float16)})
 
 
-def lut_weight(pack: LutPack, name: str):
+def mil_weight(value, name: str):
+    """A weight (dense fp16 array, LutPack, BlockwisePack, or their StoredWeight) as a var."""
+    stored = stored_weight(value)
+    if stored.kind in ("lut", "lut_row_scale"):
+        return lut_weight(stored, name)
+    if stored.kind == "blockwise":
+        return blockwise_weight(stored, name)
+    return shared_const(stored.arrays["value"], name)
+
+
+def lut_weight(pack: LutPack | StoredWeight, name: str):
     """Dense fp16 [out, in] var of a grouped-LUT pack, as constexpr ops only.
 
     Without row scales: one constexpr_lut_to_dense with LUT [groups, 1, 2**bits, 1].
@@ -54,16 +99,13 @@ def lut_weight(pack: LutPack, name: str):
     LUT_SCALE_ORDER_NOTE): constexpr_blockwise_shift_scale(data=LUT repeated per row
     [out, 1, 2**bits, 1], scale [out, 1, 1, 1]) -> constexpr_lut_to_dense.
     """
-    out_features, _ = pack.shape
-    num_entries = 1 << pack.bits
-    indices = pack.indices.astype(_sub_byte_dtype(False, pack.bits))  # (out, in) uintN
-    lut = pack.lut.reshape(pack.num_groups, 1, num_entries, 1)  # (G, 1, 2**bits, 1) fp16
-    if pack.row_scale is None:
-        return mb.constexpr_lut_to_dense(indices=indices, lut=lut, name=name)
-    row_lut = np.repeat(lut, pack.group_size, axis=0)  # (out, 1, 2**bits, 1): one LUT per row
-    row_scale = pack.row_scale.reshape(out_features, 1, 1, 1)  # (out, 1, 1, 1)
+    arrays = stored_weight(pack).arrays
+    indices = shared_const(arrays["indices"], f"{name}_indices")
+    if "lut" in arrays:
+        return mb.constexpr_lut_to_dense(indices=indices, lut=shared_const(arrays["lut"], f"{name}_lut"), name=name)
     scaled_lut = mb.constexpr_blockwise_shift_scale(
-        data=row_lut, scale=row_scale, name=f"{name}_scaled_lut"
+        data=shared_const(arrays["row_lut"], f"{name}_row_lut"),
+        scale=shared_const(arrays["row_scale"], f"{name}_row_scale"), name=f"{name}_scaled_lut"
     )
     return mb.constexpr_lut_to_dense(indices=indices, lut=scaled_lut, name=name)
 
@@ -76,10 +118,11 @@ def lut_weight(pack: LutPack, name: str):
 LUT_SCALE_ORDER_NOTE = "shift_scale(lut) -> lut_to_dense on iOS18"
 
 
-def blockwise_weight(pack: BlockwisePack, name: str):
+def blockwise_weight(pack: BlockwisePack | StoredWeight, name: str):
     """Dense fp16 [rows, cols] var of a blockwise int4/int8 pack, as one constexpr op."""
-    data = pack.data.astype(_sub_byte_dtype(True, pack.bits))  # (rows, cols) int4 / int8
-    return mb.constexpr_blockwise_shift_scale(data=data, scale=pack.scale, name=name)
+    arrays = stored_weight(pack).arrays
+    return mb.constexpr_blockwise_shift_scale(data=shared_const(arrays["data"], f"{name}_data"),
+                                              scale=shared_const(arrays["scale"], f"{name}_scale"), name=name)
 
 
 def table_bits(num_distinct: int) -> int:
@@ -123,7 +166,8 @@ def palettized_table(table: np.ndarray, name: str):
     rank = indices.ndim
     lut = lut.reshape((1,) * rank + (1 << bits, 1))  # per-tensor LUT: rank + 2
     var = mb.constexpr_lut_to_dense(
-        indices=indices.astype(_sub_byte_dtype(False, bits)), lut=lut, name=name
+        indices=shared_const(indices.astype(_sub_byte_dtype(False, bits)), f"{name}_indices"),
+        lut=shared_const(lut, f"{name}_lut"), name=name
     )
     saved = indices.size * 2 - packed_table_bytes(indices.shape, bits)
     return var, saved

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
@@ -93,17 +94,80 @@ def save_package(model: ct.models.MLModel, path: Path) -> None:
     serialize_spec_deterministically(path)
 
 
-def save_multifunction(parts: dict[str, Path], default: str, path: Path) -> None:
-    """Merge single-function packages into one (shared constants are stored once)."""
-    descriptor = ct.utils.MultiFunctionDescriptor()
-    for function_name, part in parts.items():
-        descriptor.add_function(str(part), "main", function_name)
-    descriptor.default_function_name = default
-    if path.exists():
-        shutil.rmtree(path)
-    ct.utils.save_multifunction(descriptor, str(path))
-    normalize_manifest(path)
-    serialize_spec_deterministically(path)
+# Core ML's blob storage (MILBlob): a 64-byte header at each offset the spec names:
+# sentinel, data type, payload bytes, payload offset.
+_BLOB_HEADER = struct.Struct("<IIQQ")
+_BLOB_SENTINEL = 0xDEADBEEF
+
+
+def _root_spec(package: Path):
+    from coremltools.proto import Model_pb2
+    manifest = json.loads((package / "Manifest.json").read_text())
+    spec = Model_pb2.Model()
+    spec.ParseFromString((package / "Data" / manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"])
+                         .read_bytes())
+    return spec
+
+
+def blob_references(package: Path) -> dict[str, dict[str, int]]:
+    """function -> {stored value: blob offset in weight.bin} of a saved package. A stored
+    value is named by its const op ("layer03_q_proj"), or, for a constant coremltools
+    inlined into a constexpr op, by "<op>.<parameter>" ("layer03_q_proj.indices")."""
+    spec = _root_spec(package)
+    found: dict[str, dict[str, int]] = {}
+    for function_name, function in spec.mlProgram.functions.items():
+        refs = found.setdefault(function_name, {})
+        for op in function.block_specializations[function.opset].operations:
+            name = op.outputs[0].name if op.outputs else op.type
+            if op.type == "const" and op.attributes["val"].WhichOneof("value") == "blobFileValue":
+                refs[name] = op.attributes["val"].blobFileValue.offset
+            for parameter, argument in op.inputs.items():
+                for binding in argument.arguments:
+                    if binding.WhichOneof("binding") == "value" and \
+                            binding.value.WhichOneof("value") == "blobFileValue":
+                        refs[f"{name}.{parameter}"] = binding.value.blobFileValue.offset
+    return found
+
+
+def _payload_bytes(weights_file: Path, offsets) -> dict[int, int]:
+    sizes = {}
+    with open(weights_file, "rb") as handle:
+        for offset in offsets:
+            handle.seek(offset)
+            sentinel, _dtype, size, _data_offset = _BLOB_HEADER.unpack(handle.read(_BLOB_HEADER.size))
+            if sentinel != _BLOB_SENTINEL:
+                raise RuntimeError(f"{weights_file}: no blob at offset {offset}")
+            sizes[offset] = size
+    return sizes
+
+
+def check_shared_weights(package: Path, base: tuple[str, ...], added: tuple[str, ...]) -> dict:
+    """Check, after saving, that the functions of a package store each weight once.
+
+    Every stored value emitted under one name in several functions (quant.shared_const:
+    the weights and tables) must point at one blob; a pass that rewrote such a constant in
+    one function (and so stored a copy) fails the build here. Returns the bytes: the
+    weight file's blobs, and those only the `added` functions (the prefill twins) use,
+    next to the `base` ones (decode, embed, lm_head): what the added functions cost."""
+    refs = blob_references(package)
+    offsets_of: dict[str, set] = {}
+    for function in refs.values():
+        for name, offset in function.items():
+            offsets_of.setdefault(name, set()).add(offset)
+    split = sorted(name for name, offsets in offsets_of.items() if len(offsets) > 1)
+    if split:
+        raise RuntimeError(f"{package.name}: {len(split)} weight(s) stored more than once across functions "
+                           f"({', '.join(split[:4])}): a conversion pass rewrote a shared constant")
+    weights_file = package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    if not weights_file.is_file():
+        return {"blob_bytes": 0, "added_bytes": 0, "shared": 0}
+    base_offsets = {o for f in base for o in refs.get(f, {}).values()}
+    added_offsets = {o for f in added for o in refs.get(f, {}).values()} - base_offsets
+    sizes = _payload_bytes(weights_file, base_offsets | added_offsets)
+    shared = sum(1 for name, offsets in offsets_of.items()
+                 if sum(name in refs.get(f, {}) for f in (*base, *added)) > 1)
+    return {"blob_bytes": sum(sizes.values()), "added_bytes": sum(sizes[o] for o in added_offsets),
+            "shared": shared}
 
 
 def mil_text(model: ct.models.MLModel) -> str:

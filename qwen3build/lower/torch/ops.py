@@ -23,8 +23,11 @@ class TorchOps:
     def linear(self, x, weight):
         return x @ weight.T
 
-    def matmul(self, x, y, transpose_y=False):
-        return x @ (y.transpose(-1, -2) if transpose_y else y)
+    def linear_channels(self, x, weight):
+        return weight @ x                                   # (O, I) @ (I, T): channels-first
+
+    def matmul(self, x, y, transpose_x=False, transpose_y=False):
+        return (x.transpose(-1, -2) if transpose_x else x) @ (y.transpose(-1, -2) if transpose_y else y)
 
     def add(self, x, y):
         return x + y
@@ -41,8 +44,14 @@ class TorchOps:
     def mean_last(self, x):
         return x.mean(dim=-1, keepdim=True)
 
+    def mean_axis(self, x, axis: int):
+        return x.mean(dim=axis, keepdim=True)
+
     def softmax_last(self, x):
         return torch.softmax(x, dim=-1)
+
+    def softmax(self, x, axis: int):
+        return torch.softmax(x, dim=axis)
 
     def silu(self, x):
         return torch.nn.functional.silu(x)
@@ -55,6 +64,15 @@ class TorchOps:
 
     def slice_last(self, x, begin, end):
         return x[..., begin:end]
+
+    def slice_axis(self, x, axis: int, begin: int, end: int):
+        return x.narrow(axis, begin, end - begin)
+
+    def transpose(self, x, perm):
+        return x.permute(*perm)
+
+    def reverse(self, x, axis: int):
+        return torch.flip(x, dims=(axis,))
 
     def gather_rows(self, table, index):
         return table[index.long()]
@@ -90,4 +108,13 @@ class TorchOps:
         if not 0 <= first < state.shape[2]:
             raise IndexError(f"ring slot {first} is outside the {state.shape[2]} slots")
         state[index, :, first:first + 1, :] = row  # row (KVH, 1, D)
+        return state
+
+    def write_state_rows(self, state, value, index: int, slot, rows, count: int):
+        if value is not state:
+            raise ValueError("a block write must go to the state value last read or written")
+        first = int(slot[0])
+        if not 0 <= first <= state.shape[2] - count:
+            raise IndexError(f"ring slots {first}..{first + count - 1} are outside the {state.shape[2]} slots")
+        state[index, :, first:first + count, :] = rows  # rows (KVH, T, D), newest position first
         return state

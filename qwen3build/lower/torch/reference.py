@@ -25,13 +25,16 @@ class ReferenceStack:
     """tensors: the norms' source (tensor_fp16(name)); weights: quant.provider.PackedWeights."""
 
     def __init__(self, tensors, weights, config, layout: tuple[ShardSpec, ...], scales: np.ndarray, seq_len: int,
-                 kv_write: str = "slice"):
+                 kv_write: str = "slice", prefill_len: int = 0):
         """kv_write: the KV_WRITE mode whose ring write the reference runs (the packages'
-        mode; both give the same values in fp32)."""
+        mode; both give the same values in fp32). prefill_len: tokens per prefill block
+        (the packages' PREFILL_LEN; 0: no prefill, `prefill` refuses)."""
         if kv_write not in graph.KV_WRITERS:
             raise ValueError(f"kv_write={kv_write!r} is not one of {sorted(graph.KV_WRITERS)}")
+        if not 0 <= prefill_len <= seq_len:
+            raise ValueError(f"prefill_len={prefill_len} must be in [0, seq_len={seq_len}]")
         self.config, self.layout, self.seq_len, self.scales = config, layout, seq_len, scales
-        self.kv_write = kv_write
+        self.kv_write, self.prefill_len = kv_write, prefill_len
         self.ops = ops = TorchOps()
         as_packed = lambda value, what: ops.tensor(fp16_array(value, what).astype(np.float32))  # noqa: E731
         tables = shard_tables(seq_len, config.head_dim, config.rope_theta, kv_write)
@@ -67,3 +70,30 @@ class ReferenceStack:
                 self.tables, spec.layers, spec.is_exit, c, self.scales, self.seq_len, self.kv_write,
                 final_norm=self.final_norm)
         return graph.lm_head(ops, hidden, self.head, c.hidden_size, c.vocab_size)[0].numpy()
+
+    @torch.no_grad()
+    def prefill(self, tokens, position: int) -> np.ndarray:
+        """Feed up to prefill_len tokens at positions position.. through the prefill block
+        graph (padded to prefill_len with graph.PREFILL_PAD_ID); returns the next-token
+        logits of every given position, (n, V) float32. The padded block must fit the
+        ring: position + prefill_len <= seq_len."""
+        ops, c, block = self.ops, self.config, self.prefill_len
+        count = len(tokens)
+        if not block:
+            raise ValueError("this reference has no prefill block (prefill_len=0)")
+        if not 1 <= count <= block:
+            raise ValueError(f"a prefill block takes 1..{block} tokens, got {count}")
+        if not 0 <= position <= self.seq_len - block:
+            raise ValueError(f"a prefill block of {block} at position {position} does not fit the context capacity "
+                             f"0..{self.seq_len - 1}")
+        ids = list(tokens) + [graph.PREFILL_PAD_ID] * (block - count)
+        hidden = graph.embed_block(ops, self.embed_table, torch.tensor([ids], dtype=torch.int32), c.hidden_size,
+                                   block)                                      # (1, H, 1, T)
+        pos = torch.tensor([position], dtype=torch.int32)
+        for index, spec in enumerate(self.layout):
+            hidden = graph.decoder_block(
+                ops, hidden, pos, self.states[index], lambda layer, kind: self.layer_weights[layer, kind],
+                self.tables, spec.layers, spec.is_exit, c, self.scales, self.seq_len, block,
+                final_norm=self.final_norm)
+        logits = graph.lm_head_block(ops, hidden, self.head, c.hidden_size, c.vocab_size, block)  # (1, T, V)
+        return logits[0, :count].numpy()
