@@ -49,6 +49,9 @@ class DoitWorkspace:
         root.mkdir(parents=True, exist_ok=True)
         self.out_dir = root / "artifacts" / "coreml" / "packages"
         self.state_dir = root / "artifacts" / ".state"
+        # The builds' TMPDIR: a library's temporaries left behind show here (tests/test_crash.py).
+        self.system_tmp = root / "system-tmp"
+        self.system_tmp.mkdir(exist_ok=True)
 
     def paths(self) -> dict:
         # fp16 unless a test asks: the tiny shapes are not multiples of the LUT group size.
@@ -61,6 +64,7 @@ class DoitWorkspace:
         env = {k: v for k, v in os.environ.items() if k not in ("SEQ_LEN", "SHARDS", "CONFIG", "RECIPE")}
         env["QWEN3BUILD_RUN_ID"] = self.run_id
         env["PYTHONPATH"] = str(REPO)  # this checkout's qwen3build, whatever the venv has installed
+        env["TMPDIR"] = str(self.system_tmp)
         env.update(env_extra or {})
         assignments = [f"{k}={v}" for k, v in {**self.paths(), **variables}.items()]
         result = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args, *assignments],

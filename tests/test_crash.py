@@ -26,8 +26,11 @@ def tree_bytes(root):
 
 
 def leftovers(ws):
+    """What a build left behind: marked temporaries, TMP_DIR entries, and anything in the
+    builds' TMPDIR (coremltools converts into a temporary .mlpackage that it removes only at
+    exit, which a worker never reaches: the build must put it in its own scratch folder)."""
     return [p for p in ws.root.rglob("*") if any(mark in p.name for mark in LEFTOVER_MARKS)] + \
-        list((ws.root / "artifacts" / ".tmp").glob("*"))
+        list((ws.root / "artifacts" / ".tmp").glob("*")) + list(ws.system_tmp.iterdir())
 
 
 def published_stack(ws):
@@ -51,7 +54,7 @@ def clean_builds(tmp_path_factory, gqa_checkpoint):
 
 def start(ws, *args, env_extra=None, **variables):
     env = {k: v for k, v in os.environ.items() if k not in ("SEQ_LEN", "SHARDS", "CONFIG", "RECIPE")}
-    env.update({"PYTHONPATH": str(REPO), **(env_extra or {})})
+    env.update({"PYTHONPATH": str(REPO), "TMPDIR": str(ws.system_tmp), **(env_extra or {})})
     assignments = [f"{k}={v}" for k, v in {**ws.paths(), **variables}.items()]
     return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args, *assignments],
                             cwd=ws.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -159,6 +160,10 @@ class Builder:
                                  files=declared.files, upstream=upstream, scratch=scratch)
             outputs = {name: staging / "out" / name for name in declared.outputs}
             reset_peak_rss()
+            # Library temporaries (coremltools converts into a temporary .mlpackage and
+            # removes it only at exit, which a doit worker never reaches) go to the
+            # scratch folder: removed below, and swept after a kill like the rest of it.
+            tempdir, tempfile.tempdir = tempfile.tempdir, str(scratch)
             try:
                 extra = self.run_body(declared.module, inputs, outputs)
             except RuntimeError as exc:
@@ -168,6 +173,8 @@ class Builder:
                 raise BuildError(f"{staging}: coremltools could not write the package ({str(exc).strip()}); the "
                                  "disk may be full: free space (`qwen3build cache gc --max-size 10G`) or point "
                                  "CACHE_DIR elsewhere") from None
+            finally:
+                tempfile.tempdir = tempdir
             crash_point("artifact:built")
             missing = [name for name, path in outputs.items() if not path.exists()]
             if missing:
