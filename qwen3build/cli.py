@@ -100,7 +100,7 @@ def cache_command(args) -> int:
     from .build import cache_admin
     from .build.actions import Builder
     from .build.plan import make_plan
-    from .settings.settings import SETTING_KEYS, unknown_setting
+    from .settings.settings import SETTING_KEYS, parse_size, unknown_setting
 
     overrides = {}
     for item in args.settings:
@@ -119,7 +119,7 @@ def cache_command(args) -> int:
         checked, damaged = cache_admin.verify_all(builder.cache)
         print(f"{checked} entries checked, {len(damaged)} damaged" + "".join(f"\n  {line}" for line in damaged))
         return 1 if damaged else 0
-    limit = cache_admin.parse_size(args.max_size, "--max-size")
+    limit = parse_size(args.max_size, "--max-size")
     removed, freed = cache_admin.collect_garbage(builder, limit)
     print(f"removed {removed} entries, freed {cache_admin.human(freed)}")
     return 0

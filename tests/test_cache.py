@@ -136,6 +136,22 @@ def test_cache_verify_status_and_gc(three_settings):
     assert not [a for a in SHARDS if ws.status(a) == "rebuilt"]  # nothing in use was evicted
 
 
+def test_cache_max_size_trims_the_cache_after_each_build(three_settings):
+    """CACHE_MAX_SIZE applies gc after a build: A's entries (no kept generation and not
+    these settings) go; what the published generations and these settings use stays, so
+    the next build restores everything. It keys nothing."""
+    ws, _published_a, entries = three_settings
+    result = ws.doit("build", SEQ_LEN=SEQ_C, CACHE_MAX_SIZE="1K")
+    assert "to stay within CACHE_MAX_SIZE" in result.stderr, result.stderr
+    assert not entries["shard:left"].exists() and not entries["shard:right"].exists()  # A's: evicted
+    in_use = {entry(ws, artifact) for artifact in SHARDS}
+    assert all(path.exists() for path in in_use)
+    ws.doit("build", SEQ_LEN=SEQ_C)
+    assert not [a for a in SHARDS if ws.status(a) == "rebuilt"]  # nothing in use was evicted, no key moved
+    bad = ws.doit("build", SEQ_LEN=SEQ_C, CACHE_MAX_SIZE="lots", check=False)
+    assert bad.returncode != 0 and "CACHE_MAX_SIZE='lots' is not a size" in bad.stderr, bad.stderr
+
+
 def test_cache_commands_refuse_bad_input_in_one_line(workspace):
     for args, words in ((["cache", "gc", "--max-size", "lots"], "not a size"),
                         (["cache", "status", "SEQLEN=4"], "did you mean SEQ_LEN"),

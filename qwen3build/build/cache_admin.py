@@ -14,26 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 
-from ..errors import BuildError
 from .cache import ActionCache, Damaged, list_files, remove_path
 
 log = logging.getLogger(__name__)
-
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text, what: str = "size") -> int:
-    """'20G', '500MB', '1.5GiB', '1048576' -> bytes (binary units)."""
-    if isinstance(text, bool) or not isinstance(text, (str, int)):
-        raise BuildError(f"{what}={text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 20G)")
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise BuildError(f"{what}={text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 20G)")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
 
 def human(num_bytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):

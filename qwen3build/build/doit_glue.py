@@ -11,6 +11,7 @@ message starting "qwen3build:"; the reporter prints that line alone, without doi
 from __future__ import annotations
 
 import errno
+import logging
 import functools
 import os
 import sqlite3
@@ -20,6 +21,7 @@ from doit.reporter import ConsoleReporter
 
 from ..errors import BuildError
 
+log = logging.getLogger(__name__)
 PREFIX = "qwen3build:"
 
 
@@ -171,6 +173,12 @@ def build_action(source, show_table=True):
         b = builder(source)
         statuses = b.publish()
         b.sweep()  # again: leftovers of a build killed just before this one, now surely gone
+        if b.plan.settings.CACHE_MAX_SIZE is not None:
+            from .cache_admin import collect_garbage, human
+            removed, freed = collect_garbage(b, b.plan.settings.CACHE_MAX_SIZE)
+            if removed:
+                log.info("cache: removed %d least recently used entries (%s) to stay within CACHE_MAX_SIZE",
+                         removed, human(freed))
         if show_table:
             print(format_table(summary_rows(b, statuses)))
             print(f"packages in {b.tree.out_dir}")

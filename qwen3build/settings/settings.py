@@ -21,7 +21,8 @@ from .limits import MAX_SEQ_LEN
 log = logging.getLogger(__name__)
 PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
              "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")
-SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "PREFILL_LEN", "RECIPE")
+SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "PREFILL_LEN", "RECIPE",
+                             "CACHE_MAX_SIZE")
 # KV_WRITE: how a shard writes this token's K/V rows into its state (docs/build.md).
 KV_WRITE_MODES = ("blend", "slice")
 # PREFILL_LEN: tokens per `prefill` call (docs/prefill.md). 0 builds decode only. The cap:
@@ -54,6 +55,7 @@ class Settings:
     PREFILL_LEN: int
     RECIPE: str
     RECIPE_FILE: Path
+    CACHE_MAX_SIZE: int | None  # bytes; None: no limit. Keys nothing (applied after a build).
     # Settings the environment or a doit variable gave (the rest are qwen3build.toml's
     # defaults): a default may be fitted to the model (SEQ_LEN), a given value never is.
     given: frozenset = dataclasses.field(default=frozenset(), compare=False)
@@ -106,6 +108,27 @@ def parse_whole(key: str, raw, low: int, high: int, example: str) -> int:
     if not low <= value <= high:
         raise BuildError(f"{key}={value} is out of range: choose a value between {low} and {high}")
     return value
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text, what: str = "size") -> int:
+    """'20G', '500MB', '1.5GiB', '1048576' -> bytes (binary units)."""
+    match = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    if not match:
+        raise BuildError(f"{what}={text!r} is not a size: give bytes or a number with K, M, G or T (e.g. 20G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_cache_max_size(raw) -> int | None:
+    """CACHE_MAX_SIZE: "" (no limit) or a size; the cache is trimmed to it after each build."""
+    if isinstance(raw, str) and not raw.strip():
+        return None
+    return parse_size(raw, "CACHE_MAX_SIZE")
+
 
 
 def parse_seq_len(raw) -> int:
@@ -204,6 +227,7 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         PREFILL_LEN=parse_prefill_len(raw["PREFILL_LEN"], seq_len, "PREFILL_LEN" in given),
         RECIPE=recipe.strip(),
         RECIPE_FILE=recipe_file,
+        CACHE_MAX_SIZE=parse_cache_max_size(raw["CACHE_MAX_SIZE"]),
         given=frozenset(given),
     )
     if settings.CONFIG.is_dir():
