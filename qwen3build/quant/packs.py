@@ -86,7 +86,8 @@ def make_embed_packs(tensors, bits: int, block_size: int, tied: bool, out_dir: P
                 raise BuildError(f"{tensor}: hidden size {shape[1]} is not a multiple of the block size {block_size}")
             pack = fit_blockwise(weight, bits=bits, block_size=block_size)
             save_pack(out_dir / f"{pack_name}.npz", pack)
-        error = float(np.mean((pack.dequantize() - weight) ** 2))
+        error = pack.mse(weight)
+        del weight
         log.info("%s --> int%d blockwise/b%d, shape = %s, mse = %.3g", tensor, pack.bits, pack.block_size, list(shape), error)
         stats[pack_name] = {"bits": pack.bits, "mse": error}
     return stats
