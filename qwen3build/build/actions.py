@@ -24,6 +24,7 @@ from .cache import TMP_MARK, ActionCache, owner_name, remove_path, sweep_orphans
 from .declare import Declarations
 from .faults import crash_point
 from .keys import digest_json
+from .memory import current_rss, peak_rss, reset_peak_rss
 from .plan import IO_MODEL, SAMPLER, Plan
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class Builder:
                                  files=declared.files, upstream=upstream, scratch=scratch)
             outputs = {name: staging / "out" / name for name in declared.outputs}
             reset_peak_rss()
+            start_rss = current_rss()
             # Library temporaries (coremltools converts into a temporary .mlpackage and
             # removes it only at exit, which a doit worker never reaches) go to the
             # scratch folder: removed below, and swept after a kill like the rest of it.
@@ -181,6 +183,7 @@ class Builder:
                 raise RuntimeError(f"{declared.module}.build did not write {', '.join(missing)}")
             meta = {"artifact": declared.artifact, "outputs": list(declared.outputs),
                     "build_seconds": round(time.perf_counter() - started, 3), "peak_rss": peak_rss(),
+                    "start_rss": start_rss,
                     "bytes": sum(tree_size(p) for p in outputs.values()), "extra": extra}
             return self.cache.store(declared.key, staging, meta)
         except BaseException:
@@ -344,36 +347,7 @@ class Builder:
 def _summary(meta: dict) -> dict:
     """What a state record keeps of a cache entry's meta: its build's own figures and size."""
     return {**meta.get("extra", {}), "bytes": meta.get("bytes"), "build_seconds": meta.get("build_seconds"),
-            "peak_rss": meta.get("peak_rss")}
-
-
-def reset_peak_rss() -> None:
-    """Restart this process's peak-RSS counter (Linux: /proc/self/clear_refs), so that the
-    peak read after a build body is that body's, not the worker's lifetime high."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int | None:
-    """Peak resident bytes of this process since reset_peak_rss (Linux VmHWM), else the
-    lifetime peak (getrusage; bytes on macOS, KB on Linux), or None."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import resource
-        import sys
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
-    except (ImportError, OSError):
-        return None
+            "peak_rss": meta.get("peak_rss"), "start_rss": meta.get("start_rss")}
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -20,6 +20,7 @@ from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
 from ..errors import BuildError
+from .memory import available_memory
 
 log = logging.getLogger(__name__)
 PREFIX = "qwen3build:"
@@ -67,21 +68,6 @@ GIB = 1 << 30
 # shape: a 4-layer-heavier shard or the io_model peak at ~3-3.5x their fp16 weights).
 WORKER_BASE_BYTES = 1 * GIB
 WORKER_BYTES_PER_WEIGHT_BYTE = 3
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now (Linux MemAvailable, macOS physical memory), or None."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def default_jobs(plan) -> int:

@@ -37,6 +37,8 @@ SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3":
                            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 # The safetensors format's own bound on the JSON header (the reference reader refuses more).
 MAX_HEADER_BYTES = 100_000_000
+# Values per step of the non-finite check (a bool temporary of 4 MB, not one of the tensor's size).
+FINITE_CHECK_STEP = 1 << 22
 _REDOWNLOAD = "re-download or re-export the checkpoint"
 
 
@@ -203,7 +205,9 @@ class TensorSource:
         storage, _ = _DTYPES[entry.dtype]
         raw = np.frombuffer(self.raw_bytes(name), dtype=storage).reshape(entry.shape)
         out = _widen(raw, entry.dtype).astype(dtype, copy=False)
-        if not np.all(np.isfinite(out)):
+        del raw
+        flat = out.reshape(-1)
+        if not all(np.isfinite(flat[i:i + FINITE_CHECK_STEP]).all() for i in range(0, flat.size, FINITE_CHECK_STEP)):
             bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
             raise BuildError(f"{name}: {bad} non-finite value(s) (NaN or inf) in {entry.file.name}; "
                              "the checkpoint is damaged: re-download or re-export it")
@@ -302,4 +306,8 @@ class Checkpoint(TensorSource):
 def _widen(raw: "np.ndarray", dtype: str) -> "np.ndarray":
     """Stored values as numbers: bf16 is the top half of an fp32, widened exactly by a shift."""
     import numpy as np
-    return (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw
+    if dtype != "BF16":
+        return raw
+    wide = raw.astype(np.uint32)
+    wide <<= 16  # in place: one fp32-sized array, not two
+    return wide.view(np.float32)

@@ -26,6 +26,9 @@ FP16_SUMSQ_NORM_LIMIT = math.sqrt(65504.0)
 # Headroom for activations far above the weight-based estimate (outlier features).
 SAFETY_FACTOR = 16.0
 
+# Embedding rows per norm step: a 2048-wide step is 64 MB of fp32, not the whole table.
+NORM_ROWS_PER_STEP = 8192
+
 
 def pow2_scale(norm_estimate: float) -> float:
     """Largest power of two s <= 1 with SAFETY_FACTOR * s * norm_estimate <= limit."""
@@ -46,7 +49,9 @@ def compute_slanc_scales(tensors, config, progress=None) -> tuple[np.ndarray, di
     tensors: a tensor source (tensor(name) -> fp32 array); config: the model config."""
     from ..checkpoint.tensors import layer_tensor_name
     embed = tensors.tensor("model.embed_tokens.weight")
-    residual = float(np.linalg.norm(embed, axis=1).max())  # worst token's embedding norm
+    # The worst token's embedding norm, in row steps (no table-sized temporary).
+    residual = max(float(np.linalg.norm(embed[start:start + NORM_ROWS_PER_STEP], axis=1).max())
+                   for start in range(0, len(embed), NORM_ROWS_PER_STEP))
     del embed
     layers = config.num_hidden_layers
     scales = np.ones((layers + 1, len(COLUMNS)), dtype=np.float32)
