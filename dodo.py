@@ -100,10 +100,22 @@ def task_sampler():
     return _artifact_task("sampler_model", task_sampler.__doc__, [])
 
 
+def task_aimodel():
+    """Core AI twins of the packages (FORMATS=coreai): aimodel:io_model, aimodel:shard:<name>, ..."""
+    yield {"name": None, "doc": "Core AI (.aimodel) packages under artifacts/coreai (docs/coreai.md)"}
+    for artifact in PLAN.aimodel_ids():
+        twin = artifact.split(":", 1)[1]
+        yield {"name": twin, **_artifact_task(artifact, f"{twin}, as a Core AI .aimodel", _upstream(artifact))}
+
+
+FORMAT_TASKS = {"coreml": ["io_model", "shard", "sampler"], "coreai": ["aimodel"]}
+
+
 def task_build():
-    """Build the whole split Core ML stack, publish it at once, and print what was rebuilt,
-    restored from the cache or up to date."""
-    return {"actions": [(glue.build_action, (SOURCE,))], "task_dep": ["slanc", "quant", "io_model", "shard", "sampler"],
+    """Build the whole stack in the FORMATS requested, publish it at once, and print what
+    was rebuilt, restored from the cache or up to date."""
+    formats = [task for fmt in PLAN.settings.FORMATS for task in FORMAT_TASKS[fmt]]
+    return {"actions": [(glue.build_action, (SOURCE,))], "task_dep": ["slanc", "quant", *formats],
             "uptodate": [False], "targets": [str(TREE.out_dir), str(TREE.mil_dir)],
             "clean": [(glue.clean_action, (SOURCE,))]}
 

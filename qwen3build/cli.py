@@ -67,7 +67,9 @@ def _add_run_parser(subparsers) -> None:
     run.add_argument("--no-prefill", action="store_true",
                      help="read the prompt one token per call (decode) even when the stack has a prefill function")
     run.add_argument("--backend", choices=BACKENDS, default="auto",
-                     help="auto (Core ML on macOS, else evaluator), coreml, evaluator, torch")
+                     help="auto (Core ML on macOS, else evaluator), coreml, evaluator, torch, coreai (the "
+                          ".aimodel packages of a FORMATS=coreai build; COREAI_COMPUTE_UNIT picks the compute "
+                          "unit on macOS 27)")
     run.add_argument("-v", "--verbose", action="store_true", help="log every package opened and more")
     run.set_defaults(handler=run_command)
 
@@ -188,6 +190,17 @@ def default_models_dir():
     return (DEFAULTS_FILE.parent / Path(out_dir).expanduser()).resolve()
 
 
+def coreai_compute_unit() -> str:
+    """COREAI_COMPUTE_UNIT: the environment's, else qwen3build.toml's (validated)."""
+    import os
+
+    from .settings.defaults import read_defaults
+    from .settings.settings import parse_choice
+    from .stack import COREAI_COMPUTE_UNITS
+    raw = os.environ.get("COREAI_COMPUTE_UNIT") or read_defaults().settings["COREAI_COMPUTE_UNIT"]
+    return parse_choice("COREAI_COMPUTE_UNIT", raw, COREAI_COMPUTE_UNITS)
+
+
 def run_command(args) -> int:
     from pathlib import Path
 
@@ -213,7 +226,8 @@ def run_command(args) -> int:
     if max(prompt_ids, default=0) >= stack.vocab_size:
         raise BuildError(f"tokenizer {codec.path} produced id {max(prompt_ids)} but the model's vocabulary has "
                          f"{stack.vocab_size} entries: wrong --tokenizer for this stack")
-    backend = backends.open_backend(stack, args.backend, use_prefill=not args.no_prefill)
+    compute_unit = coreai_compute_unit() if args.backend == "coreai" else "default"
+    backend = backends.open_backend(stack, args.backend, use_prefill=not args.no_prefill, compute_unit=compute_unit)
     mode = "greedy" if settings.greedy else (
         f"sample (temperature {settings.temperature}, min-p {settings.min_p}, coherence {settings.coherence}, "
         f"seed {seed})")

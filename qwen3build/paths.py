@@ -43,6 +43,11 @@ class BuildTree:
         return self.artifacts / "quant"
 
     @property
+    def coreai_dir(self) -> Path:
+        """The Core AI packages (.aimodel) and their IR text (.mlir), with FORMATS=coreai."""
+        return self.artifacts / "coreai"
+
+    @property
     def scales_path(self) -> Path:
         return self.numerics_dir / "slanc_scales.npy"
 

@@ -20,6 +20,9 @@ FORMAT = 2
 # Compute units per package kind on Core ML (DESIGN section 1).
 COMPUTE_UNITS = {"io_model": "CPU_AND_GPU", "shard": "CPU_AND_NE", "sampler": "CPU_AND_GPU"}
 PACKAGE_SUFFIX = ".mlpackage"
+# Preferred compute unit of a Core AI stack on macOS 27's runtime (COREAI_COMPUTE_UNIT);
+# "default" lets the runtime choose, and is the only one Linux's runtime accepts.
+COREAI_COMPUTE_UNITS = ("default", "cpu", "gpu", "neural_engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,25 @@ class Stack:
         """An unzipped release bundle (qwen3build.release): packages, tokenizer and config
         beside stack.json, and none of the build's inputs (weights, SLaNC scales, packs)."""
         return "release" in self.info
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The package formats published (FORMATS); a stack from before Core AI is Core ML."""
+        return tuple(self.info.get("formats") or ("coreml",))
+
+    def require_format(self, fmt: str, what: str) -> None:
+        """Refuse, in one line, to run `what` on a stack built without `fmt`."""
+        if fmt not in self.formats:
+            raise BuildError(f"{what} needs the {fmt} packages, but {self.models_dir} was built with "
+                             f"FORMATS={','.join(self.formats)}: build with FORMATS=coreml,coreai")
+
+    @property
+    def coreai(self) -> dict | None:
+        """The "coreai" section (FORMATS with coreai): .aimodel paths relative to stack.json,
+        {"io_model", "sampler", "shards": [...], "functions": {path: [...]}, "states":
+        {shard path: {state name: {"shape", "dtype"}}}}."""
+        section = self.info.get("coreai")
+        return section if isinstance(section, dict) else None
 
     @property
     def package_names(self) -> list[str]:

@@ -59,7 +59,9 @@ class DoitWorkspace:
                 "MIL_DIR": str(self.root / "artifacts/coreml/mil"),
                 "TMP_DIR": str(self.root / "artifacts/.tmp"), "CACHE_DIR": str(self.root / "cache")}
 
-    def doit(self, *args: str, check: bool = True, env_extra: dict | None = None, **variables) -> subprocess.CompletedProcess:
+    def doit(self, *args: str, check: bool = True, env_extra: dict | None = None, launcher: tuple = ("-m", "doit"),
+             **variables) -> subprocess.CompletedProcess:
+        """launcher: how the interpreter starts doit (e.g. ("-c", code) running doit after a change)."""
         self.run_id = uuid.uuid4().hex
         env = {k: v for k, v in os.environ.items() if k not in ("SEQ_LEN", "SHARDS", "CONFIG", "RECIPE")}
         env["QWEN3BUILD_RUN_ID"] = self.run_id
@@ -67,7 +69,7 @@ class DoitWorkspace:
         env["TMPDIR"] = str(self.system_tmp)
         env.update(env_extra or {})
         assignments = [f"{k}={v}" for k, v in {**self.paths(), **variables}.items()]
-        result = subprocess.run([sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), *args, *assignments],
+        result = subprocess.run([sys.executable, *launcher, "-f", str(REPO / "dodo.py"), *args, *assignments],
                                 cwd=self.root, env=env, capture_output=True, text=True, timeout=600)
         if check and result.returncode != 0:
             raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -286,6 +286,7 @@ def run_audit(models_dir: str | Path, request: AuditRequest) -> dict:
     """Audit the stack in models_dir (OUT_DIR), write request.report_path, return the report."""
     started = time.perf_counter()
     stack = load_stack(Path(models_dir))
+    stack.require_format("coreml", "doit audit")
     report = {"format": REPORT_FORMAT, "key": audit_key(stack, request)}
     report.update(audit_stack(stack))
     plan, failures = compute_plan_section(report, request.ane_min_residency)

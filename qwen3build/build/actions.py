@@ -21,11 +21,11 @@ from ..errors import BuildError
 from ..paths import STACK_FILE
 from . import keys, lock, publish, workers
 from .cache import TMP_MARK, ActionCache, owner_name, remove_path, sweep_orphans, tree_size
-from .declare import Declarations
+from .declare import COREAI_FOLDER, Declarations
 from .faults import crash_point
 from .keys import digest_json
 from .memory import current_rss, peak_rss, reset_peak_rss
-from .plan import IO_MODEL, SAMPLER, Plan
+from .plan import AIMODEL, IO_MODEL, SAMPLER, Plan
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,7 @@ class Builder:
             "tokenizer": str(tokenizer) if tokenizer.is_file() else None,
             "scales": "../numerics/slanc_scales.npy",
             "quant": "../quant",
+            "formats": list(settings.FORMATS),
         }
 
     def publish(self) -> dict:
@@ -286,7 +287,11 @@ class Builder:
                 for output, folder in zip(declared.outputs, declared.publish):
                     if folder == "packages":
                         stack_files[output] = meta["files"][output]
+                    elif folder == COREAI_FOLDER and output.endswith(".aimodel"):
+                        stack_files[f"../{folder}/{output}"] = meta["files"][output]
             stack = {**description, "keys": keys, "files": stack_files}
+            if "coreai" in self.plan.settings.FORMATS:
+                stack["coreai"] = coreai_section(self.plan, metas)
             writer.add_text(f"packages/{STACK_FILE}", json.dumps(stack, indent=1, sort_keys=True))
             generation = writer.commit({"id": generation_id, "artifacts": keys})
         except BaseException:
@@ -342,6 +347,20 @@ class Builder:
         if state.get("run_id") == run_id() and state.get("key") == key:
             return state["status"]
         return "up to date"
+
+
+def coreai_section(plan: Plan, metas: dict) -> dict:
+    """stack.json's "coreai" section (stack.Stack.coreai): the .aimodel paths relative to
+    stack.json, each one's functions (default first) and each shard's states, as built."""
+    def path(artifact):
+        return f"../{COREAI_FOLDER}/{metas[artifact]['outputs'][0]}"
+
+    ids = plan.aimodel_ids()
+    shards = [f"{AIMODEL}:shard:{spec.name}" for spec in plan.layout]
+    return {"io_model": path(f"{AIMODEL}:{IO_MODEL}"), "sampler": path(f"{AIMODEL}:{SAMPLER}"),
+            "shards": [path(artifact) for artifact in shards],
+            "functions": {path(artifact): metas[artifact]["extra"]["functions"] for artifact in ids},
+            "states": {path(artifact): metas[artifact]["extra"]["states"] for artifact in shards}}
 
 
 def _summary(meta: dict) -> dict:

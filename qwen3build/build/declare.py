@@ -1,7 +1,8 @@
 """Declarations: for each artifact of a plan, exactly what it reads (declared.Declared).
 
 Artifact ids: "slanc", "quant:layerNN", "quant:embed", "io_model", "shard:<name>",
-"sampler_model". Each declaration names its build module (build/artifacts/), its
+"sampler_model", and the Core AI twins "aimodel:io_model", "aimodel:shard:<name>",
+"aimodel:sampler_model". Each declaration names its build module (build/artifacts/), its
 outputs and where they are published, its slice of the settings and model config, the
 checkpoint tensors it reads (with their digests from the weights manifest), external
 files and upstream outputs (with their content digests). Its key is the digest of that.
@@ -13,6 +14,13 @@ Which settings key which artifacts (docs/build.md has the table):
   that layer; embed_bits: quant:embed and io_model. The recipe's name keys nothing.
 - CONFIG / weights: through the tensors each artifact reads and its model-config slice.
 - SCALES, LUT_DIR, OMNIQ_DIR: through the digests of the files read.
+- FORMATS, COREAI_COMPUTE_UNIT: nothing (which tasks run; how a runner runs).
+
+A Core AI twin is declared from its Core ML twin's declaration: the same values (less
+the Core-ML-only ones, COREML_ONLY_VALUES), tensors, files and upstream outputs, plus the
+format marker, with its own build module (whose code closure is the coreai lowering) and
+tools. So a Core-ML-only change (PALETTIZE_MASKS, coremltools, lower/mil) never moves an
+aimodel's key, and a Core-AI-only change (coreai-core, lower/coreai) never a Core ML one.
 """
 from __future__ import annotations
 
@@ -26,9 +34,9 @@ from ..quant.layout import embed_pack_names
 from ..settings.model_config import NORMS, PROJECTIONS
 from ..stack import COMPUTE_UNITS
 from .cache import ActionCache
-from .declared import COREML_TOOLS, NUMPY_TOOLS, Declared, ExternalFile, Upstream
+from .declared import COREAI_TOOLS, COREML_TOOLS, NUMPY_TOOLS, Declared, ExternalFile, Upstream
 from .keys import digest_bytes
-from .plan import IO_MODEL, SAMPLER, Plan, external_embed_packs, external_layer_packs
+from .plan import AIMODEL, IO_MODEL, SAMPLER, Plan, external_embed_packs, external_layer_packs
 
 ARTIFACTS = "qwen3build.build.artifacts"
 # The model-config fields each kind's bytes depend on.
@@ -36,6 +44,10 @@ SLANC_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads
 SHARD_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps")
 IO_FIELDS = ("vocab_size", "hidden_size", "tie_word_embeddings")
+# Values of a Core ML package that no Core AI package reads: its (2S,) ramps stay dense.
+COREML_ONLY_VALUES = ("PALETTIZE_MASKS",)
+COREAI_FORMAT = "coreai"  # build/artifacts/aimodel.FORMAT (not imported: it imports coreai)
+COREAI_FOLDER = "coreai"  # the generation folder the .aimodel packages are published in
 SLANC_KINDS = ("input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_norm", "gate_proj", "up_proj", "down_proj")
 
 
@@ -51,7 +63,7 @@ class Declarations:
         if artifact not in self._declared:
             kind, _, name = artifact.partition(":")
             makers = {"slanc": self._slanc, "quant": self._quant, "shard": self._shard,
-                      IO_MODEL: self._io_model, SAMPLER: self._sampler}
+                      IO_MODEL: self._io_model, SAMPLER: self._sampler, AIMODEL: self._aimodel}
             if kind not in makers:
                 raise KeyError(artifact)
             self._declared[artifact] = makers[kind](name)
@@ -179,6 +191,18 @@ class Declarations:
                   "compute_units": COMPUTE_UNITS["sampler"]}
         return self._make(SAMPLER, "sampler", "sampler", [f"{SAMPLER}.mlpackage", f"{SAMPLER}.mil"],
                               ["packages", "mil"], values)
+
+    def _aimodel(self, twin: str) -> Declared:
+        """The Core AI twin of a Core ML package (build/artifacts/aimodel.py's docstring)."""
+        if twin not in self.plan.package_ids():
+            raise KeyError(f"{AIMODEL}:{twin}")
+        base = self.declare(twin)
+        package = base.outputs[0].removesuffix(".mlpackage")
+        values = {k: v for k, v in base.values.items() if k not in COREML_ONLY_VALUES}
+        return dataclasses.replace(base, artifact=f"{AIMODEL}:{twin}", kind=AIMODEL, module=f"{ARTIFACTS}.aimodel",
+                                   outputs=(f"{package}.aimodel", f"{package}.mlir"),
+                                   publish=(COREAI_FOLDER, COREAI_FOLDER),
+                                   values={**values, "format": COREAI_FORMAT}, tools=COREAI_TOOLS)
 
 
 def _bits_summary(bits: dict) -> str:

@@ -26,6 +26,8 @@ INPUTS_MODULE = "qwen3build.build.inputs"
 # Tools whose versions shape the bytes of each kind of output.
 NUMPY_TOOLS = ("numpy",)
 COREML_TOOLS = ("coremltools", "numpy", "protobuf")
+# coreai-torch converts the torch.export program that torch traces; coreai-core writes it.
+COREAI_TOOLS = ("coreai-core", "coreai-torch", "numpy", "torch")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 IO_MODEL = "io_model"
 SAMPLER = "sampler_model"
+AIMODEL = "aimodel"  # prefix of the Core AI twins' ids: aimodel:shard:mid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,14 +76,27 @@ class Plan:
         return ids + (["quant:embed"] if self.recipe.embed_bits else [])
 
     def package_ids(self) -> list[str]:
+        """The Core ML packages (whatever FORMATS says: `doit shard:mid` can build one)."""
         return [IO_MODEL] + [f"shard:{spec.name}" for spec in self.layout] + [SAMPLER]
 
+    def aimodel_ids(self) -> list[str]:
+        """The Core AI twins of the Core ML packages: aimodel:io_model, aimodel:shard:<name>, ..."""
+        return [f"{AIMODEL}:{artifact}" for artifact in self.package_ids()]
+
+    def format_ids(self) -> list[str]:
+        """The packages of the formats FORMATS requests (what `doit build` makes and publishes)."""
+        formats = self.settings.FORMATS
+        return (self.package_ids() if "coreml" in formats else []) + (self.aimodel_ids() if "coreai" in formats else [])
+
     def artifact_ids(self) -> list[str]:
-        return ["slanc", *self.quant_ids(), *self.package_ids()]
+        return ["slanc", *self.quant_ids(), *self.format_ids()]
 
     def upstream_ids(self, artifact: str) -> list[str]:
-        """The artifacts whose outputs `artifact` reads (its doit task_dep)."""
+        """The artifacts whose outputs `artifact` reads (its doit task_dep); an aimodel
+        reads what its Core ML twin reads."""
         kind, _, name = artifact.partition(":")
+        if kind == AIMODEL:
+            return self.upstream_ids(name)
         if kind == "shard":
             spec = self.shard(name)
             return ["slanc"] + [f"quant:layer{layer:02d}" for layer in self.quantized_layers(spec.layers)]
@@ -116,6 +130,9 @@ def make_plan(overrides: dict | None = None, environ: dict | None = None) -> Pla
     config = load_model_config(settings.CONFIG)
     settings = _fit_seq_len(settings, config, notes)
     layout = parse_layout(settings.SHARDS, config.num_hidden_layers)
+    if "coreai" in settings.FORMATS:
+        from ..lower.coreai import check_coreai_installed
+        check_coreai_installed(f"FORMATS={','.join(settings.FORMATS)}")
     recipe = load_recipe(settings.RECIPE, settings.RECIPE_FILE)
     recipe.check_depth(config.num_hidden_layers)
     files, index = resolve_weight_files(settings.CONFIG, settings.WEIGHTS, settings.WEIGHTS_INDEX, settings.WEIGHTS_GLOB)

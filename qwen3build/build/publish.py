@@ -1,8 +1,9 @@
 """Publishing a whole stack at once: generations and atomic symlink swaps.
 
 A generation is a directory artifacts/.generations/<stack key>/ holding packages/ (the
-packages and stack.json), mil/, numerics/ and quant/. OUT_DIR, MIL_DIR,
-artifacts/numerics and artifacts/quant are symlinks into the current generation. A new
+packages and stack.json), mil/, numerics/, quant/ and coreai/ (the .aimodel packages
+with FORMATS=coreai, else empty). OUT_DIR, MIL_DIR, artifacts/numerics, artifacts/quant
+and artifacts/coreai are symlinks into the current generation. A new
 generation is assembled aside (.<id>.tmp-<pid>-...), fsynced, renamed into place, and
 then the links are swapped one by one, OUT_DIR last: each swap is one atomic rename, and
 a reader that resolves OUT_DIR sees either the old stack or the new one, whole. A build
@@ -33,13 +34,14 @@ from .faults import crash_point
 
 log = logging.getLogger(__name__)
 
-FOLDERS = ("packages", "mil", "numerics", "quant")
+FOLDERS = ("packages", "mil", "numerics", "quant", "coreai")
 KEEP_GENERATIONS = 2  # the current one and the one before
 
 
 def links(tree: BuildTree) -> dict[str, Path]:
     """Published link -> generation folder it points into; OUT_DIR last (the commit)."""
-    return {"mil": tree.mil_dir, "numerics": tree.numerics_dir, "quant": tree.quant_dir, "packages": tree.out_dir}
+    return {"mil": tree.mil_dir, "numerics": tree.numerics_dir, "quant": tree.quant_dir, "coreai": tree.coreai_dir,
+            "packages": tree.out_dir}
 
 
 # ---------------------------------------------------------------- reading the current one

@@ -1,7 +1,7 @@
 """The table a build ends with: each package rebuilt, restored from the cache, or up to date."""
 from __future__ import annotations
 
-from .plan import IO_MODEL, SAMPLER
+from .plan import AIMODEL
 
 
 def human_size(num_bytes) -> str:
@@ -15,9 +15,10 @@ def human_size(num_bytes) -> str:
 
 def summary_rows(builder, statuses: dict) -> list[tuple]:
     rows = []
-    ids = [IO_MODEL] + [f"shard:{s.name}" for s in builder.plan.layout] + [SAMPLER]
-    for artifact in ids:
-        label = f"decoder_shard_{artifact[6:]}" if artifact.startswith("shard:") else artifact
+    for artifact in builder.plan.format_ids():
+        twin = artifact.removeprefix(f"{AIMODEL}:")
+        label = f"decoder_shard_{twin[6:]}" if twin.startswith("shard:") else twin
+        label += ".aimodel" if twin != artifact else ""
         state = builder.read_state(artifact)
         status = statuses.get(artifact, "missing")
         seconds = f"{state['seconds']:.2f}s" if status in ("rebuilt", "restored") and "seconds" in state else "-"

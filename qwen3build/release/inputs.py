@@ -226,6 +226,7 @@ def gather(plan, request: ReleaseRequest) -> ReleaseInputs:
     """Everything the release reads, checked; raises a one-line BuildError on any problem."""
     from ..verify.keys import check_stack_matches
     stack = check_stack_matches(plan)
+    stack.require_format("coreml", "doit release")
     keys = package_keys(stack, plan.package_ids())
     verify, verify_bytes, problem = read_verify(plan, request, keys)
     audit, audit_bytes = read_audit(plan, stack, request)

@@ -19,6 +19,9 @@ takes (prompt_schedule).
   generation holds (checkpoint, SLaNC scales, quantization packs), with sampling by
   graph/sampler.py (the numpy twin of the sampler package). Fast on Linux; it does not
   run the packages.
+- "coreai": the Core AI (.aimodel) packages of a stack built with FORMATS=coreai, run by
+  Apple's Core AI runtime (runtime/coreai.py; on Linux, a slow one-core interpreter), with
+  COREAI_COMPUTE_UNIT as the preferred compute unit (honoured on macOS 27 only).
 - "auto": "coreml" on macOS, "evaluator" elsewhere (the packages, wherever possible).
 
 Everything here starts from a Stack (qwen3build.stack): nothing imports the build.
@@ -41,7 +44,7 @@ from .packages import PACKAGE_BACKENDS
 
 log = logging.getLogger(__name__)
 
-BACKENDS = PACKAGE_BACKENDS + ("torch",)
+BACKENDS = PACKAGE_BACKENDS + ("torch", "coreai")
 # torch intra-op threads for the torch backend. One, as the evaluator's BLAS: on the 2
 # shared cores here, 2 threads ran the tiny stack 10-30x slower than 1 (measured: 70-220
 # vs 7 ms per token with other processes busy).
@@ -56,6 +59,7 @@ class PackageBackend:
     def __init__(self, stack: Stack, runtime_backend: str, use_prefill: bool = True):
         from .packages import open_functions, open_package
 
+        stack.require_format("coreml", f"--backend {runtime_backend}")
         self.name = runtime_backend
         self.description = {"coreml": "Core ML runtime, saved packages",
                             "evaluator": "numpy package evaluator, saved packages"}[runtime_backend]
@@ -225,8 +229,12 @@ def resolve_backend(requested: str) -> str:
     return requested
 
 
-def open_backend(stack: Stack, requested: str, use_prefill: bool = True):
+def open_backend(stack: Stack, requested: str, use_prefill: bool = True, compute_unit: str = "default"):
+    """compute_unit: the Core AI backend's preferred compute unit (COREAI_COMPUTE_UNIT)."""
     backend = resolve_backend(requested)
     if backend == "torch":
         return TorchBackend(stack, use_prefill=use_prefill)
+    if backend == "coreai":
+        from .coreai import CoreAIBackend
+        return CoreAIBackend.from_stack(stack, compute_unit, use_prefill)
     return PackageBackend(stack, backend, use_prefill)

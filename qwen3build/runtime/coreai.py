@@ -26,9 +26,11 @@ Compute units: macOS 27's runtime takes a preferred compute unit (COMPUTE_UNITS)
 runs everything on one CPU core, as a reference interpreter (docs/coreai.md), and accepts
 only "default".
 
-Stack description (written by the build; phase 2 of the Core AI work adds it to stack.json):
-    "coreai": {"io_model": "<rel>/io_model.aimodel", "sampler": "<rel>/sampler_model.aimodel",
-               "shards": ["<rel>/decoder_shard_left.aimodel", ...]}        (paths relative to stack.json)
+Stack description (stack.json's "coreai" section, written by a FORMATS=coreai build;
+stack.Stack.coreai reads it): paths relative to stack.json (in the same generation)
+    "coreai": {"io_model": "../coreai/io_model.aimodel", "sampler": "../coreai/sampler_model.aimodel",
+               "shards": ["../coreai/decoder_shard_left.aimodel", ...],
+               "functions": {path: [names, default first]}, "states": {shard path: {"kv_cache": {"shape", "dtype"}}}}
 """
 from __future__ import annotations
 
@@ -45,13 +47,12 @@ import numpy as np
 from ..errors import BuildError
 from ..graph import decoder as graph
 from ..graph.sampler import SamplerSettings
+from ..stack import COREAI_COMPUTE_UNITS as COMPUTE_UNITS
 from .generate import prefill_block_ids
 
 log = logging.getLogger(__name__)
 
 STATE_NAME = "kv_cache"
-# Preferred compute unit on macOS 27 (SpecializationOptions); "default" lets the runtime choose.
-COMPUTE_UNITS = ("default", "cpu", "gpu", "neural_engine")
 # The runtime's dtype names (NDArrayDescriptor.dtype) of the packages' inputs and states -> numpy.
 DTYPES = {"float16": np.float16, "float32": np.float32, "int32": np.int32}
 
@@ -192,12 +193,36 @@ class CoreAIBackend:
     @classmethod
     def from_stack(cls, stack, compute_unit: str = "default", use_prefill: bool = True) -> "CoreAIBackend":
         """The packages a stack.json's "coreai" section lists (see the module docstring)."""
-        section = stack.info.get("coreai")
-        if not isinstance(section, dict):
-            raise BuildError(f"{stack.models_dir} has no Core AI packages; build with FORMATS=coreml,coreai")
+        stack.require_format("coreai", "--backend coreai")
+        section = stack.coreai
+        if section is None:
+            raise BuildError(f"{stack.models_dir}/stack.json has no coreai section; run `./dev build` again")
         resolve = lambda rel: (stack.models_dir / rel).resolve()  # noqa: E731
-        return cls(resolve(section["io_model"]), [resolve(rel) for rel in section["shards"]],
-                   resolve(section["sampler"]), compute_unit, use_prefill)
+        backend = cls(resolve(section["io_model"]), [resolve(rel) for rel in section["shards"]],
+                      resolve(section["sampler"]), compute_unit, use_prefill)
+        try:
+            backend._check_recorded(section)
+        except BaseException:
+            backend.close()
+            raise
+        return backend
+
+    def _check_recorded(self, section: dict) -> None:
+        """The packages opened have the functions and states stack.json records."""
+        paths = [section["io_model"], *section["shards"], section["sampler"]]
+        packages = [self.io_model, *self.shards, self.sampler]
+        for rel, package in zip(paths, packages):
+            recorded = section.get("functions", {}).get(rel, [])
+            if sorted(recorded) != sorted(package.functions):
+                raise BuildError(f"{package.path.name} has functions {', '.join(package.functions)}, stack.json records "
+                                 f"{', '.join(recorded)}: the stack was changed after it was built; run `./dev build` again")
+        for rel, state in zip(section["shards"], self.states):
+            recorded = {name: (list(spec["shape"]), spec["dtype"]) for name, spec in section.get("states", {}).get(rel, {}).items()}
+            opened = {name: (list(value.shape), str(value.dtype)) for name, value in
+                      ((name, np.asarray(array.numpy())) for name, array in state.items())}
+            if recorded != opened:
+                raise BuildError(f"{rel}: states {opened}, stack.json records {recorded}: the stack was changed after "
+                                 "it was built; run `./dev build` again")
 
     def _prefill_len(self) -> int:
         """Tokens per prefill call (the io_model's embed_prefill input (1, T)); 0 when no

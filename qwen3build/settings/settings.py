@@ -15,14 +15,17 @@ from pathlib import Path
 
 from ..errors import BuildError
 from ..paths import DEFAULTS_FILE, BuildTree
+from ..stack import COREAI_COMPUTE_UNITS
 from .defaults import read_defaults, read_toml
 from .limits import MAX_SEQ_LEN
 
 log = logging.getLogger(__name__)
 PATH_KEYS = ("CONFIG", "WEIGHTS", "WEIGHTS_INDEX", "WEIGHTS_GLOB", "LUT_DIR", "OMNIQ_DIR",
              "SCALES", "OUT_DIR", "MIL_DIR", "TMP_DIR", "CACHE_DIR", "RECIPE_FILE")
-SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "PREFILL_LEN", "RECIPE",
-                             "CACHE_MAX_SIZE")
+SETTING_KEYS = PATH_KEYS + ("SEQ_LEN", "SHARDS", "PALETTIZE_MASKS", "KV_WRITE", "PREFILL_LEN", "RECIPE", "FORMATS",
+                             "COREAI_COMPUTE_UNIT", "CACHE_MAX_SIZE")
+# FORMATS: which package formats the build makes (docs/coreai.md), in this order.
+FORMAT_NAMES = ("coreml", "coreai")
 # KV_WRITE: how a shard writes this token's K/V rows into its state (docs/build.md).
 KV_WRITE_MODES = ("blend", "slice")
 # PREFILL_LEN: tokens per `prefill` call (docs/prefill.md). 0 builds decode only. The cap:
@@ -56,6 +59,8 @@ class Settings:
     RECIPE: str
     RECIPE_FILE: Path
     CACHE_MAX_SIZE: int | None  # bytes; None: no limit. Keys nothing (applied after a build).
+    FORMATS: tuple[str, ...]    # a subset of FORMAT_NAMES, in that order
+    COREAI_COMPUTE_UNIT: str    # run time only (macOS 27's Core AI runtime); keys nothing
     # Settings the environment or a doit variable gave (the rest are qwen3build.toml's
     # defaults): a default may be fitted to the model (SEQ_LEN), a given value never is.
     given: frozenset = dataclasses.field(default=frozenset(), compare=False)
@@ -150,6 +155,25 @@ def parse_prefill_len(raw, seq_len: int, given: bool) -> int:
     return seq_len
 
 
+def parse_formats(raw) -> tuple[str, ...]:
+    """FORMATS: "coreml", "coreai" or both, comma-separated in any order; as FORMAT_NAMES
+    orders them."""
+    example = "e.g. FORMATS=coreml or FORMATS=coreml,coreai"
+    if not isinstance(raw, str):
+        raise BuildError(f"FORMATS={raw!r} must be text; write {example}")
+    names = [part.strip() for part in raw.split(",")]
+    if not any(names):
+        raise BuildError(f"FORMATS is empty; give at least one of {', '.join(FORMAT_NAMES)}, {example}")
+    for name in names:
+        if name not in FORMAT_NAMES:
+            what = "an empty entry" if not name else f"{name!r} is unknown{closest_name(name, FORMAT_NAMES)}"
+            raise BuildError(f"FORMATS={raw!r}: {what}; use {' and/or '.join(FORMAT_NAMES)}, {example}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise BuildError(f"FORMATS={raw!r} names {', '.join(twice)} twice; give each format once, {example}")
+    return tuple(name for name in FORMAT_NAMES if name in names)
+
+
 def load_settings(overrides: dict | None = None, environ: dict | None = None,
                   defaults_file: Path = DEFAULTS_FILE) -> Settings:
     """Merge defaults < environment < overrides (doit vars), resolve paths, validate."""
@@ -228,6 +252,8 @@ def load_settings(overrides: dict | None = None, environ: dict | None = None,
         RECIPE=recipe.strip(),
         RECIPE_FILE=recipe_file,
         CACHE_MAX_SIZE=parse_cache_max_size(raw["CACHE_MAX_SIZE"]),
+        FORMATS=parse_formats(raw["FORMATS"]),
+        COREAI_COMPUTE_UNIT=parse_choice("COREAI_COMPUTE_UNIT", raw["COREAI_COMPUTE_UNIT"], COREAI_COMPUTE_UNITS),
         given=frozenset(given),
     )
     if settings.CONFIG.is_dir():

@@ -17,7 +17,7 @@ from .gate import load_thresholds, validate_thresholds
 from .options import VerifyRequest, coerce_options, default_text_path
 
 VERIFY_CODE = ("qwen3build.verify.ladder", "qwen3build.runtime.backends")
-VERIFY_TOOLS = ("coremltools", "numpy", "torch", "tokenizers", "transformers")
+VERIFY_TOOLS = ("coremltools", "numpy", "torch", "tokenizers", "transformers", "coreai-core")
 
 __all__ = ["check_stack_matches", "digest_json", "report_is_current", "verify_inputs", "verify_key"]
 
@@ -93,6 +93,7 @@ def verify_inputs(plan, text_path: Path | None = None, options=None, stack: Stac
         "stack": {k: info.get(k) for k in ("seq_len", "recipe", "shards", "model", "prefill_len")},
         "reference": {"code": code_digest(*VERIFY_CODE),
                       "SEQ_LEN": plan.settings.SEQ_LEN, "SHARDS": [dataclasses.asdict(s) for s in plan.layout]},
+        "coreai_compute_unit": plan.settings.COREAI_COMPUTE_UNIT,  # what runs the coreai rung's packages
         "config": config_digest,
         "tokenizer": tokenizer_digest,
         "text": {"path": str(text_path), "digest": text_digest},

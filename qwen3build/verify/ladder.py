@@ -24,9 +24,9 @@ from . import metrics
 from .gate import check_rung, load_thresholds, validate_thresholds
 from .keys import check_stack_matches, verify_inputs
 from .keys import digest_json
-from .options import VerifyOptions, coerce_options, default_report_path, default_text_path
+from .options import VerifyOptions, coerce_options, default_report_path, default_text_path, stack_rungs
 from .parity import parity_lengths, prefill_parity
-from .rungs import PackageRung, ReferenceRung, prompt_last_logits
+from .rungs import CoreAIRung, PackageRung, ReferenceRung, prompt_last_logits
 from .windows import plan_windows, read_text, resolve_window_sizes, tokenize
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,7 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
     thresholds = (validate_thresholds(options.thresholds, "thresholds option") if options.thresholds is not None
                   else load_thresholds(plan.settings.RECIPE))
     stack = check_stack_matches(plan, options.models_dir)
-    if stack.is_release and "reference" in options.rungs:
-        raise BuildError(f"RUNGS=reference: MODELS_DIR={stack.models_dir} is a release, which ships no SLaNC scales "
-                         "or quantization packs (the reference rung needs the build's); use RUNGS=packages")
+    rungs = ladder_rungs(stack, options)
     text = read_text(text_path)
     tokens = tokenize(stack.tokenizer, stack.vocab_size, text, text_path.name)
     seq_len = plan.settings.SEQ_LEN
@@ -164,6 +162,9 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
     if stack.is_release:
         notes = notes + [f"MODELS_DIR is a release ({stack.models_dir.name}): its packages only, the reference rung "
                          "needs the build's SLaNC scales and packs"]
+    if not stack.is_release and "coreml" not in stack.formats:
+        notes = [*notes, (f"built with FORMATS={','.join(stack.formats)}: no Core ML packages, so no packages rung "
+                          "(nor its prefill parity check)")]
     runs, windows = plan_windows(len(tokens), sizes, options.max_windows)
     offsets, prompt_len, new_tokens = _prompts(len(tokens), options, seq_len)
     inputs = verify_inputs(plan, text_path, options, stack)
@@ -204,9 +205,10 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
     }
 
     failures = []
-    for name in options.rungs:
-        rung = ReferenceRung(stack) if name == "reference" else PackageRung(stack, options.backend)
-        budget = options.package_positions if name == "packages" else 0
+    for name in rungs:
+        rung = open_rung(name, stack, options, plan.settings.COREAI_COMPUTE_UNIT)
+        budget = {"packages": options.package_positions, "coreai": options.coreai_positions}.get(name, 0)
+        rollouts = len(offsets) if name != "coreai" else min(len(offsets), options.coreai_rollouts)
         rung_started = time.perf_counter()
         tf, run_nll, covered, steps, step_seconds = _teacher_forced(rung, oracle, runs, oracle_runs, tokens, budget,
                                                                     seq_len)
@@ -215,7 +217,7 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
             "sampler": rung.sampler,
             "teacher_forced": metrics.summarize_teacher_forced(tf, _depth_edges(seq_len)),
             "perplexity": _perplexity_table(windows, oracle_runs, run_nll, covered),
-            "greedy": _greedy(rung, tokens, offsets, prompt_len, oracle_rollouts, seq_len),
+            "greedy": _greedy(rung, tokens, offsets[:rollouts], prompt_len, oracle_rollouts[:rollouts], seq_len),
             "steps": steps,
             "budget": budget or None,
             "step_seconds": round(step_seconds, 2),
@@ -233,6 +235,7 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
                 failures += report["prefill_parity"]["failures"]
             else:
                 report["prefill_parity"] = {"skipped": "the packages have no prefill function (PREFILL_LEN=0)"}
+        getattr(rung, "close", lambda: None)()
         del rung  # free its weights before the next rung loads (a 1.7B model holds GBs per rung)
         gc.collect()
         log.info("verify %s: %s", name, "ok" if not figures["failures"] else f"{len(figures['failures'])} threshold(s) missed")
@@ -242,6 +245,30 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
     _write_report(report_path, report)
     report["report_path"] = str(report_path)
     return report
+
+
+def ladder_rungs(stack, options: VerifyOptions) -> tuple[str, ...]:
+    """RUNGS, or every rung the stack has (options.stack_rungs); a rung the stack cannot
+    give is refused in one line."""
+    have = stack_rungs(stack)
+    for name in options.rungs or ():
+        if name in have:
+            continue
+        if name == "reference":
+            raise BuildError(f"RUNGS=reference: MODELS_DIR={stack.models_dir} is a release, which ships no SLaNC "
+                             "scales or quantization packs (the reference rung needs the build's); use RUNGS=packages")
+        fmt = "coreml" if name == "packages" else "coreai"
+        raise BuildError(f"RUNGS={name}: {stack.models_dir} was built with FORMATS={','.join(stack.formats)}, without "
+                         f"{fmt} packages; build with FORMATS=coreml,coreai or leave {name} out of RUNGS")
+    return tuple(options.rungs) if options.rungs else have
+
+
+def open_rung(name: str, stack, options: VerifyOptions, compute_unit: str):
+    if name == "reference":
+        return ReferenceRung(stack)
+    if name == "coreai":
+        return CoreAIRung(stack, compute_unit)
+    return PackageRung(stack, options.backend)
 
 
 def _write_report(path: Path, report: dict) -> None:

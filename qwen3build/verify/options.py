@@ -14,11 +14,12 @@ from ..paths import HELDOUT_TEXT_PATH, STACK_FILE
 
 from ..runtime.packages import PACKAGE_BACKENDS as BACKENDS
 
-RUNGS = ("reference", "packages")
+RUNGS = ("reference", "packages", "coreai")
 SEQ_LEN_WINDOW = "SEQ_LEN"
 # doit / environment variables that shape a verify run (settings like RECIPE come from the plan).
 VERIFY_VARS = ("TEXT", "REPORT", "WINDOWS", "MAX_WINDOWS", "PACKAGE_POSITIONS", "ROLLOUTS",
-               "PROMPT_TOKENS", "ROLLOUT_TOKENS", "BACKEND", "RUNGS", "MODELS_DIR")
+               "PROMPT_TOKENS", "ROLLOUT_TOKENS", "BACKEND", "RUNGS", "MODELS_DIR", "COREAI_POSITIONS",
+               "COREAI_ROLLOUTS")
 # A release bundle ships no SLaNC scales or quantization packs: only its packages can be measured.
 RELEASE_RUNGS = ("packages",)
 
@@ -32,12 +33,19 @@ class VerifyOptions:
     prompt_tokens: int = 32
     rollout_tokens: int = 32
     backend: str = "auto"         # packages: "auto" = Core ML on macOS, the numpy evaluator elsewhere
-    rungs: tuple = RUNGS
+    rungs: tuple | None = None    # None: every rung the stack has (stack_rungs)
+    # The coreai rung on Linux's Core AI runtime is slow (docs/coreai.md: ~1.6 positions/s
+    # teacher-forced through prefill blocks of 64, ~1 token/s decode at SEQ_LEN 4096 on the
+    # default checkpoint), so it gets its own budget: 128 positions (two prefill blocks) and
+    # the first rollout keep it to about two minutes there. 0 positions = as many as the reference.
+    coreai_positions: int = 128
+    coreai_rollouts: int = 1      # the first this many of the greedy rollouts (at most `rollouts`)
     thresholds: dict | None = None  # None: [verify.<RECIPE>] from qwen3build.toml
     models_dir: str | None = None   # MODELS_DIR: the packages to measure (None: OUT_DIR, the build's)
 
     def __post_init__(self):
-        for name in ("max_windows", "package_positions", "rollouts", "prompt_tokens", "rollout_tokens"):
+        for name in ("max_windows", "package_positions", "rollouts", "prompt_tokens", "rollout_tokens",
+                     "coreai_positions", "coreai_rollouts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BuildError(f"verify option {name}={value!r} must be a whole number >= 0")
@@ -48,16 +56,25 @@ class VerifyOptions:
                 raise BuildError(f"verify window size {size!r} must be a whole number >= 2 or SEQ_LEN")
         if self.backend not in BACKENDS:
             raise BuildError(f"BACKEND={self.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
-        bad = [r for r in self.rungs if r not in RUNGS]
-        if bad or not self.rungs:
-            raise BuildError(f"RUNGS={','.join(self.rungs)!r}: allowed rungs are {', '.join(RUNGS)}")
+        if self.rungs is not None:
+            bad = [r for r in self.rungs if r not in RUNGS]
+            if bad or not self.rungs or len(set(self.rungs)) != len(self.rungs):
+                raise BuildError(f"RUNGS={','.join(self.rungs)!r}: allowed rungs are {', '.join(RUNGS)}, each once")
         if self.models_dir is not None and (not isinstance(self.models_dir, str) or not self.models_dir):
             raise BuildError(f"MODELS_DIR={self.models_dir!r} must name a folder holding stack.json")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["windows"], out["rungs"] = list(self.windows), list(self.rungs)
+        out["windows"] = list(self.windows)
+        out["rungs"] = None if self.rungs is None else list(self.rungs)
         return out
+
+
+def stack_rungs(stack) -> tuple[str, ...]:
+    """The rungs a stack can be measured on: the reference (not for a release, which ships no
+    scales or packs), then each package format it was built in."""
+    rungs = () if stack.is_release else ("reference",)
+    return rungs + (("packages",) if "coreml" in stack.formats else ()) + (("coreai",) if "coreai" in stack.formats else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +129,8 @@ def request_from_vars(plan, variables: dict | None = None, environ: dict | None 
                                   for w in _csv(raw["WINDOWS"]))
     for key, field in (("MAX_WINDOWS", "max_windows"), ("PACKAGE_POSITIONS", "package_positions"),
                        ("ROLLOUTS", "rollouts"), ("PROMPT_TOKENS", "prompt_tokens"),
-                       ("ROLLOUT_TOKENS", "rollout_tokens")):
+                       ("ROLLOUT_TOKENS", "rollout_tokens"), ("COREAI_POSITIONS", "coreai_positions"),
+                       ("COREAI_ROLLOUTS", "coreai_rollouts")):
         if key in raw:
             kwargs[field] = _whole(key, raw[key])
     if "BACKEND" in raw:

@@ -50,6 +50,10 @@ def format_report(report: dict) -> str:
     budget = report["rungs"].get("packages", {}).get("budget")
     if budget:
         out.append(f"note: packages limited to {budget} teacher-forced positions (PACKAGE_POSITIONS)")
+    coreai = report["rungs"].get("coreai")
+    if coreai:
+        out.append(f"note: coreai limited to {coreai['budget'] or 'all'} teacher-forced positions (COREAI_POSITIONS) "
+                   f"and {coreai['greedy']['prompts']} greedy rollout(s) (COREAI_ROLLOUTS)")
     if report["passed"]:
         out.append(f"PASSED: every rung within [verify.{report['recipe']}]")
     else:

@@ -4,6 +4,8 @@
   (its checkpoint, scales and packs: runtime.backends.reference_from_stack);
 - packages: the saved packages, chained as a deployment runs them (runtime PackageBackend:
   the same chain `qwen3build run` uses), each loaded from disk.
+- coreai: the Core AI (.aimodel) packages (FORMATS=coreai), chained the same way on Apple's
+  Core AI runtime (runtime/coreai.py CoreAIBackend, `run --backend coreai`).
 
 Both read prompts and teacher-forced runs the way `run` reads a prompt
 (runtime.generate.prompt_logits): blocks of PREFILL_LEN through the prefill graph where
@@ -77,20 +79,13 @@ def prompt_last_logits(rung, ids, seq_len: int) -> np.ndarray:
     return np.asarray(logits, np.float32).reshape(-1)
 
 
-class PackageRung:
-    """The saved packages of the stack, on Core ML (macOS) or the evaluator."""
+class ChainRung:
+    """Saved packages chained as `run` chains them (a runtime backend: self.chain)."""
 
-    name = "packages"
     sampler = "sampler_model (temperature 0)"
 
-    def __init__(self, stack, backend: str):
-        from ..runtime.backends import PackageBackend, resolve_backend
-        backend = resolve_backend(backend)
-        try:
-            self.chain = PackageBackend(stack, backend)
-        except (RuntimeError, ValueError) as exc:
-            raise BuildError(f"packages in {stack.models_dir}: cannot open with backend {backend!r}: {exc}") from None
-        self.backend = backend
+    def __init__(self, chain, backend: str):
+        self.chain, self.backend = chain, backend
         self.prefill_len = self.chain.prefill_len
         self.reset()
 
@@ -115,3 +110,32 @@ class PackageRung:
 
     def threads(self):
         return contextlib.nullcontext()
+
+    def close(self) -> None:
+        getattr(self.chain, "close", lambda: None)()
+
+
+class PackageRung(ChainRung):
+    """The saved Core ML packages of the stack, on Core ML (macOS) or the evaluator."""
+
+    name = "packages"
+
+    def __init__(self, stack, backend: str):
+        from ..runtime.backends import PackageBackend, resolve_backend
+        backend = resolve_backend(backend)
+        try:
+            chain = PackageBackend(stack, backend)
+        except (RuntimeError, ValueError) as exc:
+            raise BuildError(f"packages in {stack.models_dir}: cannot open with backend {backend!r}: {exc}") from None
+        super().__init__(chain, backend)
+
+
+class CoreAIRung(ChainRung):
+    """The stack's Core AI (.aimodel) packages on Apple's Core AI runtime, the preferred
+    compute unit COREAI_COMPUTE_UNIT (honoured on macOS 27 only)."""
+
+    name = "coreai"
+
+    def __init__(self, stack, compute_unit: str = "default"):
+        from ..runtime.coreai import CoreAIBackend
+        super().__init__(CoreAIBackend.from_stack(stack, compute_unit), f"Core AI runtime ({compute_unit})")

@@ -81,7 +81,9 @@ def _shard(inputs):
              spec.role, seq_len, values["KV_WRITE"])
     scales, weights = shard_numerics(inputs, config.num_hidden_layers)
     module = programs.ShardModule(inputs.tensors, weights, config, spec, scales, seq_len, values["KV_WRITE"]).eval()
+    state = getattr(module, programs.STATE_NAME)
     facts = {"layers": len(spec.layers), "role": spec.role, "bpw": round(weights.projection_bits(spec.layers), 3),
+             "states": {programs.STATE_NAME: {"shape": list(state.shape), "dtype": str(state.dtype).removeprefix("torch.")}},
              "metadata": dict(values["metadata"])}
     return spec.package_name, programs.shard_functions(module, values["PREFILL_LEN"]), facts
 

@@ -12,6 +12,7 @@ optional `coreai` extra, so `require_coreai()` turns a missing install into one 
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 from ...errors import BuildError
@@ -30,6 +31,22 @@ def coreai_available() -> bool:
     return True
 
 
+def check_coreai_installed(what: str = "Core AI output") -> None:
+    """require_coreai's one-line error, found without importing anything (so a plan can
+    check it before any work, and a no-op build stays fast)."""
+    for module in ("coreai", "coreai_torch"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise _not_installed(what, module)
+
+
+def _not_installed(what: str, name: str) -> BuildError:
+    return BuildError(f"{what} needs Apple's Core AI packages ({name} is not importable): {INSTALL_HINT}")
+
+
 def require_coreai(what: str = "Core AI output") -> None:
     """Import coreai-core and coreai-torch (registering the coreai:: torch ops), or raise
     a one-line BuildError saying what to install."""
@@ -44,5 +61,4 @@ def require_coreai(what: str = "Core AI output") -> None:
             from coreai.authoring import AIModelAsset  # noqa: F401
             from coreai.runtime import NDArray  # noqa: F401
     except ImportError as exc:
-        raise BuildError(f"{what} needs Apple's Core AI packages ({exc.name or exc} is not importable): "
-                         f"{INSTALL_HINT}") from None
+        raise _not_installed(what, exc.name or str(exc)) from None
