@@ -168,6 +168,8 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
     runs, windows = plan_windows(len(tokens), sizes, options.max_windows)
     offsets, prompt_len, new_tokens = _prompts(len(tokens), options, seq_len)
     inputs = verify_inputs(plan, text_path, options, stack)
+    if options.scaled:
+        log.info("verify: %s", options.scaled)
     log.info("verify: %s, %d tokens; %d runs (%d positions), windows %s; %d greedy rollouts",
              text_path.name, len(tokens), len(runs), sum(r.length for r in runs),
              ", ".join(f"{sum(w.size == s for w in windows)}x{s}" for s in sizes), len(offsets))
@@ -230,7 +232,8 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
         report["rungs"][name] = figures
         if name == "packages":
             if rung.prefill_len:
-                lengths = parity_lengths(rung.prefill_len, seq_len, options.rollout_tokens, len(tokens), budget)
+                lengths = parity_lengths(rung.prefill_len, seq_len, options.rollout_tokens, len(tokens), budget,
+                                         options.parity_tokens)
                 report["prefill_parity"] = prefill_parity(rung, tokens, lengths, options.rollout_tokens, seq_len)
                 failures += report["prefill_parity"]["failures"]
             else:

@@ -13,13 +13,14 @@ from ..errors import BuildError
 from ..paths import HELDOUT_TEXT_PATH, STACK_FILE
 
 from ..runtime.packages import PACKAGE_BACKENDS as BACKENDS
+from .budgets import scaled_defaults
 
 RUNGS = ("reference", "packages", "coreai")
 SEQ_LEN_WINDOW = "SEQ_LEN"
 # doit / environment variables that shape a verify run (settings like RECIPE come from the plan).
 VERIFY_VARS = ("TEXT", "REPORT", "WINDOWS", "MAX_WINDOWS", "PACKAGE_POSITIONS", "ROLLOUTS",
                "PROMPT_TOKENS", "ROLLOUT_TOKENS", "BACKEND", "RUNGS", "MODELS_DIR", "COREAI_POSITIONS",
-               "COREAI_ROLLOUTS")
+               "COREAI_ROLLOUTS", "PARITY_TOKENS")
 # A release bundle ships no SLaNC scales or quantization packs: only its packages can be measured.
 RELEASE_RUNGS = ("packages",)
 
@@ -40,12 +41,16 @@ class VerifyOptions:
     # the first rollout keep it to about two minutes there. 0 positions = as many as the reference.
     coreai_positions: int = 128
     coreai_rollouts: int = 1      # the first this many of the greedy rollouts (at most `rollouts`)
+    # The prefill parity check's long prompt (verify/parity.py): decode alone costs one call
+    # per position (~10 s for 1,000 tokens in the evaluator on the default checkpoint).
+    parity_tokens: int = 1000
+    scaled: str | None = None     # what verify/budgets.py scaled to the model's size (the report says it)
     thresholds: dict | None = None  # None: [verify.<RECIPE>] from qwen3build.toml
     models_dir: str | None = None   # MODELS_DIR: the packages to measure (None: OUT_DIR, the build's)
 
     def __post_init__(self):
         for name in ("max_windows", "package_positions", "rollouts", "prompt_tokens", "rollout_tokens",
-                     "coreai_positions", "coreai_rollouts"):
+                     "coreai_positions", "coreai_rollouts", "parity_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise BuildError(f"verify option {name}={value!r} must be a whole number >= 0")
@@ -130,7 +135,7 @@ def request_from_vars(plan, variables: dict | None = None, environ: dict | None 
     for key, field in (("MAX_WINDOWS", "max_windows"), ("PACKAGE_POSITIONS", "package_positions"),
                        ("ROLLOUTS", "rollouts"), ("PROMPT_TOKENS", "prompt_tokens"),
                        ("ROLLOUT_TOKENS", "rollout_tokens"), ("COREAI_POSITIONS", "coreai_positions"),
-                       ("COREAI_ROLLOUTS", "coreai_rollouts")):
+                       ("COREAI_ROLLOUTS", "coreai_rollouts"), ("PARITY_TOKENS", "parity_tokens")):
         if key in raw:
             kwargs[field] = _whole(key, raw[key])
     if "BACKEND" in raw:
@@ -141,7 +146,8 @@ def request_from_vars(plan, variables: dict | None = None, environ: dict | None 
         kwargs["models_dir"] = str(Path(str(raw["MODELS_DIR"])).expanduser().resolve())
         if "RUNGS" not in raw and is_release_dir(kwargs["models_dir"]):
             kwargs["rungs"] = RELEASE_RUNGS  # the report says so (ladder: windows notes)
-    options = VerifyOptions(**kwargs)
+    scaled, note = scaled_defaults(plan.config, plan.settings.SEQ_LEN, VerifyOptions(), set(kwargs))
+    options = VerifyOptions(**kwargs, **scaled, scaled=note)
     text_path = Path(raw["TEXT"]).expanduser().resolve() if "TEXT" in raw else default_text_path()
     report_path = (Path(raw["REPORT"]).expanduser().resolve() if "REPORT" in raw
                    else default_report_path(plan, text_path, options.models_dir))

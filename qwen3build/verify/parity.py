@@ -36,20 +36,20 @@ log = logging.getLogger(__name__)
 PARITY_MAX_KL = 5e-4            # nats, KL(decode alone || prefill) at any position
 PARITY_MIN_COSINE = 0.999       # logit cosine at any position
 PARITY_MIN_TOP1 = 1.0           # top-1 agreement where decode alone's margin >= KNIFE_EDGE_MARGIN
-# Prompt lengths: one full block and a padded one (T + T/2 + 1), and a long prompt of up
-# to PARITY_LONG_PROMPT tokens, so decode's logits are compared with prefill's (which the
-# ladder compares with the oracle) at depths up to there. Decode alone costs one call per
-# position: at ~100 tokens/s in the evaluator, the long prompt takes ~10 s.
-PARITY_LONG_PROMPT = 1000
 
 
-def parity_lengths(prefill_len: int, seq_len: int, new_tokens: int, available: int, budget: int = 0) -> list[int]:
-    """Prompt lengths to check: none of them a multiple of prefill_len, each leaving room
-    for the continuation; the long one capped by the text, the context and PACKAGE_POSITIONS."""
+def parity_lengths(prefill_len: int, seq_len: int, new_tokens: int, available: int, budget: int = 0,
+                   long_prompt: int = 1000) -> list[int]:
+    """Prompt lengths to check: one full block and a padded one (T + T/2 + 1), always; and a
+    long prompt of up to `long_prompt` tokens (the PARITY_TOKENS option), so decode's logits
+    are compared with prefill's (which the ladder compares with the oracle) at depth. None
+    is a multiple of prefill_len; each leaves room for the continuation; the long one is
+    capped by the text, the context and PACKAGE_POSITIONS."""
     room = min(seq_len - new_tokens, available - 1)
     if budget:
         room = min(room, budget)
-    wanted = [prefill_len + prefill_len // 2 + 1, PARITY_LONG_PROMPT]
+    base = prefill_len + prefill_len // 2 + 1
+    wanted = [base] + ([long_prompt] if long_prompt > base else [])
     lengths = []
     for length in wanted:
         length = min(length, room)
