@@ -40,7 +40,8 @@ class Tree:
     def __init__(self, root: Path, config: Path, jobs: int):
         self.root, self.config, self.jobs = root, config, jobs
 
-    def run(self, task: str, **variables) -> dict:
+    def run(self, task: str, gate: bool = False, **variables) -> dict:
+        """gate: the task is a gate (verify) whose failure is a figure, not an error."""
         assignments = {"CONFIG": str(self.config), "OUT_DIR": str(self.root / "artifacts/coreml/packages"),
                        "MIL_DIR": str(self.root / "artifacts/coreml/mil"), "TMP_DIR": str(self.root / "artifacts/.tmp"),
                        "CACHE_DIR": str(self.root / "cache"), **{k: str(v) for k, v in variables.items()}}
@@ -48,7 +49,8 @@ class Tree:
                    *(f"{k}={v}" for k, v in assignments.items())]
         done = subprocess.run([sys.executable, "-c", RUNNER, *command], capture_output=True, text=True, cwd=self.root)
         report = json.loads(done.stdout)
-        if report["code"] != 0:
+        report["failed"] = report["code"] != 0
+        if report["code"] != 0 and not (gate and "verify failed" in report["err"]):
             sys.exit(f"doit {task} {variables} failed ({report['code']}):\n{report['out']}\n{report['err']}")
         return report
 
@@ -91,6 +93,7 @@ def main() -> int:
 
         def row(name, report, runs=None):
             seconds = statistics.median(r["seconds"] for r in runs) if runs else report["seconds"]
+            name += " (gate failed)" if report and report.get("failed") else ""
             rows.append((label, name, seconds, max(r["peak_kb"] for r in (runs or [report])) / 1024 ** 2))
 
         row("cold build, RECIPE=fp16", fp16.run("build", RECIPE="fp16", **common))
@@ -108,7 +111,8 @@ def main() -> int:
         row(f"PREFILL_LEN -> {args.prefill_len_b}", tree.run("build", PREFILL_LEN=args.prefill_len_b, **common))
         row("PREFILL_LEN back (restore)", tree.run("build", **common))
         if not args.skip_verify:
-            row("doit verify (default options)", tree.run("verify", **common))
+            row("doit verify (default options)", tree.run("verify", gate=True, **common))
+            row("doit verify, RECIPE=fp16", fp16.run("verify", gate=True, RECIPE="fp16", **common))
     print(f"checkpoint: {args.config.parent} ({sum(p.stat().st_size for p in weights) / 1e9:.2f} GB of weights), "
           f"SEQ_LEN {args.seq_len}, {os.cpu_count()} cores")
     print(f"{'workers':8s} {'step':40s} {'seconds':>9s} {'peak RSS GB':>12s}")

@@ -28,12 +28,14 @@ from .rungs import prompt_last_logits
 
 log = logging.getLogger(__name__)
 
-# Thresholds (measured on the default checkpoint, SEQ_LEN 4096, RECIPE default, packages
-# in the evaluator: docs/prefill.md). Decode and prefill compute the same values in another
-# order (gemv vs gemm, a row vs a block per op), so their fp16 logits differ by rounding:
-# measured KL up to ~2e-5 nats and cosine >= 0.99995 at every position; a K/V row at the
-# wrong slot gives KL ~1e-1 and cosines below 0.99. The bounds leave ~25x headroom.
-PARITY_MAX_KL = 5e-4            # nats, KL(decode alone || prefill) at any position
+# Thresholds (packages in the evaluator, SEQ_LEN 4096, RECIPE default: docs/prefill.md).
+# Decode and prefill compute the same values in another order (gemv vs gemm, a row vs a
+# block per op), so their fp16 logits differ by rounding, more with depth and width:
+# measured KL up to ~3e-5 nats on the default checkpoint (6 layers of 256) and 6.3e-4 at
+# the Qwen3-1.7B shape (28 layers of 2048, in a continuation after 97 tokens), cosines
+# >= 0.99998 on both; a K/V row at the wrong slot gives KL ~1e-1 and cosines below 0.99.
+# The bounds leave ~3x headroom at 1.7B and ~50x below a wrong slot.
+PARITY_MAX_KL = 2e-3            # nats, KL(decode alone || prefill) at any position
 PARITY_MIN_COSINE = 0.999       # logit cosine at any position
 PARITY_MIN_TOP1 = 1.0           # top-1 agreement where decode alone's margin >= KNIFE_EDGE_MARGIN
 
