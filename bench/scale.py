@@ -50,7 +50,7 @@ class Tree:
         done = subprocess.run([sys.executable, "-c", RUNNER, *command], capture_output=True, text=True, cwd=self.root)
         report = json.loads(done.stdout)
         report["failed"] = report["code"] != 0
-        if report["code"] != 0 and not (gate and "verify failed" in report["err"]):
+        if report["code"] != 0 and not (gate and "verify failed" in report["out"] + report["err"]):
             sys.exit(f"doit {task} {variables} failed ({report['code']}):\n{report['out']}\n{report['err']}")
         return report
 
