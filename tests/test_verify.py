@@ -347,6 +347,19 @@ def test_oracle_reads_weights_kept_apart_from_config(tmp_path, unusual_stack):
                                   separate.logits(separate.hidden_states(tokens)))
 
 
+def test_a_released_oracle_keeps_its_head_and_frees_its_layers(unusual_stack):
+    """The ladder frees the oracle's decoder once its runs are computed (GBs at 1.7B)."""
+    from qwen3build.verify.oracle import Oracle
+    oracle = Oracle(unusual_stack)
+    hidden = oracle.hidden_states(np.arange(10) + 3)
+    before = oracle.logits(hidden)
+    oracle.release_decoder()
+    assert len(oracle.model.model.layers) == 0
+    np.testing.assert_array_equal(oracle.logits(hidden), before)
+    with pytest.raises(AssertionError, match="released"):
+        oracle.hidden_states(np.arange(4))
+
+
 # ---------------------------------------------------------------- the default checkpoint, full size
 
 @pytest.mark.slow

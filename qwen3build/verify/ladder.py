@@ -183,6 +183,7 @@ def run_verify(plan, text_path: Path | None = None, report_path: Path | None = N
         hidden = oracle.hidden_states(ids)
         oracle_runs.append(OracleRun(hidden, oracle.run_nll(hidden, ids)))
     oracle_rollouts = [oracle.greedy(tokens[o:o + prompt_len], new_tokens) for o in offsets]
+    oracle.release_decoder()  # the rungs need only its head: GBs freed before they load
     report = {
         "format": REPORT_FORMAT,
         "passed": False,

@@ -60,6 +60,7 @@ class Oracle:
         self.model = model.float().eval()
         self.vocab_size = int(self.model.config.vocab_size)
         self.chunk = chunk_positions(self.vocab_size)
+        self.released = False  # release_decoder() was called: only the head is left
         log.info("oracle: transformers %s Qwen3ForCausalLM fp32 (%s)", transformers.__version__,
                  "from_pretrained" if standard else "config.json + safetensors files")
 
@@ -83,6 +84,7 @@ class Oracle:
     # ---------------------------------------------------------------- teacher-forced
     def hidden_states(self, tokens: np.ndarray):
         """tokens (L,) -> final-normed hidden states (L, H) fp32 torch, one forward pass."""
+        assert not self.released, "the oracle's decoder was released"
         torch = self.torch
         with torch.no_grad():
             ids = torch.as_tensor(np.asarray(tokens, np.int64))[None]
@@ -92,6 +94,15 @@ class Oracle:
         """(N, H) hidden states -> (N, V) float32 logits."""
         with self.torch.no_grad():
             return self.model.lm_head(hidden).numpy()
+
+    def release_decoder(self) -> None:
+        """Free the decoder layers once every run's hidden states and every rollout are
+        computed: the rungs then need only `logits` (the head). At the 1.7B shape that is
+        5.6 GB of fp32 that would otherwise sit beside each rung's own copy."""
+        import gc
+        self.model.model.layers = self.torch.nn.ModuleList()
+        self.released = True
+        gc.collect()
 
     def run_nll(self, hidden, tokens: np.ndarray) -> np.ndarray:
         """Next-token NLL at every position of a run (NaN at the last one)."""
@@ -103,6 +114,7 @@ class Oracle:
     # ---------------------------------------------------------------- greedy
     def greedy(self, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], list[float]]:
         """Greedy continuation with HF's KV cache: the tokens and the oracle margin at each step."""
+        assert not self.released, "the oracle's decoder was released"
         torch = self.torch
         tokens, margins = [], []
         with torch.no_grad():
