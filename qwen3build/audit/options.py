@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import BuildError
+from ..settings.settings import merge_variables
 
 # ANE_MIN_RESIDENCY: on macOS, the least share of a Neural Engine package's compute ops that
 # Core ML's compute plan must place on the ANE (a gate; unset: report only).
@@ -59,12 +60,7 @@ def check_residency(value) -> float | None:
 def request_from_vars(tree, variables: dict | None = None, environ: dict | None = None) -> AuditRequest:
     """ANE_MIN_RESIDENCY and AUDIT_REPORT from the environment < `variables` (doit variables)."""
     environ = os.environ if environ is None else environ
-    raw = {key: environ[key] for key in AUDIT_VARS if environ.get(key) not in (None, "")}
-    for key, value in (variables or {}).items():
-        if key not in AUDIT_VARS:
-            raise BuildError(f"unknown audit variable {key}; allowed: {', '.join(AUDIT_VARS)}")
-        if value not in (None, ""):
-            raw[key] = value
+    raw = merge_variables("audit", AUDIT_VARS, variables, environ)
     report = (Path(raw["AUDIT_REPORT"]).expanduser().resolve() if "AUDIT_REPORT" in raw
               else default_report_path(tree))
     return AuditRequest(report, check_residency(raw.get("ANE_MIN_RESIDENCY")))

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import BuildError
 from ..logs import configure
-from ..settings.settings import SETTING_KEYS
+from ..settings.settings import split_assignments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,20 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     from .options import RELEASE_VARS, VERIFY_REPORT_VARS
     configure()
     known = RELEASE_VARS + VERIFY_REPORT_VARS + AUDIT_VARS
-    settings, variables = {}, {}
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            print(f"qwen3build release: {arg!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
-        if key in SETTING_KEYS:
-            settings[key] = value
-        elif key in known:
-            variables[key] = value
-        else:
-            print(f"qwen3build release: unknown variable {key}; allowed: {', '.join(SETTING_KEYS + known)}",
-                  file=sys.stderr)
-            return 2
+    try:
+        settings, variables = split_assignments(sys.argv[1:] if argv is None else argv, known)
+    except BuildError as error:
+        print(f"qwen3build release: {error}", file=sys.stderr)
+        return 2
     try:
         from ..build.actions import Builder
         from ..build.plan import make_plan

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..errors import BuildError
+from ..settings.settings import merge_variables
 
 # RELEASE_DIR: where the release folder goes (default <artifacts>/release).
 # BASE_MODEL: the Hugging Face id of the checkpoint (card front matter, folder name).
@@ -80,12 +81,7 @@ def request_from_vars(tree, variables: dict | None = None, environ: dict | None 
     from ..audit.options import AUDIT_VARS
     environ = os.environ if environ is None else environ
     known = RELEASE_VARS + VERIFY_REPORT_VARS + AUDIT_VARS
-    raw = {key: environ[key] for key in known if environ.get(key) not in (None, "")}
-    for key, value in (variables or {}).items():
-        if key not in known:
-            raise BuildError(f"unknown release variable {key}; allowed: {', '.join(known)}")
-        if value not in (None, ""):
-            raw[key] = value
+    raw = merge_variables("release", known, variables, environ)
     release_dir = (Path(str(raw["RELEASE_DIR"])).expanduser().resolve() if "RELEASE_DIR" in raw
                    else default_release_dir(tree))
     return ReleaseRequest(

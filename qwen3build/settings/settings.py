@@ -85,6 +85,35 @@ def unknown_setting(name: str, allowed=SETTING_KEYS) -> BuildError:
     return BuildError(f"unknown setting {name}{closest_name(name, allowed)}; use one of: {', '.join(allowed)}")
 
 
+def split_assignments(args, variables) -> tuple[dict, dict]:
+    """KEY=VALUE command-line arguments -> (settings, the tool's own `variables`); a
+    BuildError for an argument that is not KEY=VALUE or names neither."""
+    settings, others = {}, {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise BuildError(f"{arg!r} is not KEY=VALUE")
+        if key in SETTING_KEYS:
+            settings[key] = value
+        elif key in variables:
+            others[key] = value
+        else:
+            raise BuildError(f"unknown variable {key}; allowed: {', '.join(SETTING_KEYS + tuple(variables))}")
+    return settings, others
+
+
+def merge_variables(kind: str, known, variables: dict | None, environ) -> dict:
+    """A tool's own variables (verify, audit, release): the environment's < `variables`
+    (doit command-line variables); empty values are unset; an unknown name is refused."""
+    raw = {key: environ[key] for key in known if environ.get(key) not in (None, "")}
+    for key, value in (variables or {}).items():
+        if key not in known:
+            raise BuildError(f"unknown {kind} variable {key}; allowed: {', '.join(known)}")
+        if value not in (None, ""):
+            raw[key] = value
+    return raw
+
+
 def parse_bool(key: str, raw) -> bool:
     if isinstance(raw, bool):
         return raw

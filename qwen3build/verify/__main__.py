@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ..settings.settings import SETTING_KEYS
+from ..settings.settings import split_assignments
 from ..errors import BuildError
 from ..logs import configure
 from .report import format_report
@@ -17,20 +17,11 @@ from .options import VERIFY_VARS, request_from_vars
 
 def main(argv: list[str] | None = None) -> int:
     configure()
-    settings, variables = {}, {}
-    for arg in sys.argv[1:] if argv is None else argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            print(f"qwen3build verify: {arg!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
-        if key in SETTING_KEYS:
-            settings[key] = value
-        elif key in VERIFY_VARS:
-            variables[key] = value
-        else:
-            print(f"qwen3build verify: unknown variable {key}; allowed: {', '.join(SETTING_KEYS + VERIFY_VARS)}",
-                  file=sys.stderr)
-            return 2
+    try:
+        settings, variables = split_assignments(sys.argv[1:] if argv is None else argv, VERIFY_VARS)
+    except BuildError as error:
+        print(f"qwen3build verify: {error}", file=sys.stderr)
+        return 2
     try:
         from ..build.plan import make_plan
         plan = make_plan(settings)

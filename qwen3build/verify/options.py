@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import BuildError
+from ..settings.settings import merge_variables
 from ..paths import HELDOUT_TEXT_PATH, STACK_FILE
 
 from ..runtime.packages import PACKAGE_BACKENDS as BACKENDS
@@ -122,12 +123,7 @@ def _csv(raw) -> list[str]:
 def request_from_vars(plan, variables: dict | None = None, environ: dict | None = None) -> VerifyRequest:
     """TEXT, REPORT, WINDOWS, ... from the environment < `variables` (doit command-line vars)."""
     environ = os.environ if environ is None else environ
-    raw = {key: environ[key] for key in VERIFY_VARS if environ.get(key) not in (None, "")}
-    for key, value in (variables or {}).items():
-        if key not in VERIFY_VARS:
-            raise BuildError(f"unknown verify variable {key}; allowed: {', '.join(VERIFY_VARS)}")
-        if value not in (None, ""):
-            raw[key] = value
+    raw = merge_variables("verify", VERIFY_VARS, variables, environ)
     kwargs = {}
     if "WINDOWS" in raw:
         kwargs["windows"] = tuple(SEQ_LEN_WINDOW if w.upper() == SEQ_LEN_WINDOW else _whole("WINDOWS", w)
